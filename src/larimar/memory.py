@@ -79,25 +79,31 @@ class MemoryConfig:
 # Linear algebra: least squares  w = argmin ||Y - w X||^2 + lam ||w||^2  for X (B, R, C), Y (B, Q, C)
 
 
-def _gram_solve(A: Tensor, rhs: Tensor) -> Tensor:
-    """Solves A x = rhs for symmetric positive definite A (B, n, n) by Cholesky, adding jitter if needed."""
+def _cholesky(A: Tensor) -> Tensor:
+    """Cholesky factor of a symmetric positive definite A (B, n, n), adding jitter if rounding needs it."""
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    jitter = 0.0
     scale = A.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(1e-300)
-    for _ in range(6):
+    jitter = 0.0
+    for _ in range(8):
         L, info = torch.linalg.cholesky_ex(A + jitter * scale * eye)
         if not bool((info > 0).any()):
-            return torch.cholesky_solve(rhs, L)
-        jitter = 1e-12 if jitter == 0.0 else jitter * 100
-    logger.warning("Cholesky failed even with jitter %.1e; falling back to lstsq", jitter)
-    return torch.linalg.lstsq(A, rhs).solution
+            return L
+        jitter = 1e-14 if jitter == 0.0 else jitter * 100
+    raise torch.linalg.LinAlgError("Cholesky failed on a Gram matrix even with jitter (non-finite inputs?)")
+
+
+def _gram_solve(A: Tensor, rhs: Tensor) -> Tensor:
+    """Solves A x = rhs for symmetric positive definite A (B, n, n) by Cholesky."""
+    return torch.cholesky_solve(rhs, _cholesky(A))
 
 
 def ridge_lstsq(Y: Tensor, X: Tensor, lam: Tensor | float) -> Tensor:
-    """Ridge least squares weights w (B, Q, R) minimising ||Y - w X||^2 + lam ||w||^2.
+    """Ridge least squares weights w (B, Q, R) with w X ~= Y, regularised by lam ||w||^2.
 
-    The Gram matrix is formed in the inputs' dtype (the ridge sits above its rounding error), the small
-    positive-definite system is factored and solved in float64.
+    The Gram matrix is formed in the inputs' dtype (the ridge sits above its rounding error), factored once in
+    float64, and used twice: a ridge solve, then one step of iterative refinement on the residual (iterated
+    Tikhonov), which shrinks the ridge's bias from lam / s^2 to (lam / s^2)^2 for a singular value s while
+    directions far below the ridge (rounding noise) stay suppressed.
 
     Args:
         Y: targets (B, Q, C).
@@ -108,16 +114,22 @@ def ridge_lstsq(Y: Tensor, X: Tensor, lam: Tensor | float) -> Tensor:
     Y, X = Y.to(dtype), X.to(dtype)
     lam = torch.as_tensor(lam, dtype=torch.float64, device=Y.device)
     R, C = X.shape[-2], X.shape[-1]
-    if R <= C:  # solve on the (R, R) Gram matrix: w = Y X^T (X X^T + lam I)^-1
-        eye = torch.eye(R, dtype=torch.float64, device=Y.device)
-        A = (X @ X.transpose(-1, -2)).double() + lam * eye  # (B, R, R)
-        w = _gram_solve(A, (X @ Y.transpose(-1, -2)).double()).transpose(-1, -2)  # (B, Q, R)
-        return w.to(dtype)
-    # push-through identity on the (C, C) Gram matrix: w = Y (X^T X + lam I)^-1 X^T
-    eye = torch.eye(C, dtype=torch.float64, device=Y.device)
-    A = (X.transpose(-1, -2) @ X).double() + lam * eye  # (B, C, C)
-    V = _gram_solve(A, Y.transpose(-1, -2).double()).transpose(-1, -2)  # (B, Q, C)
-    return V.to(dtype) @ X.transpose(-1, -2)  # (B, Q, R)
+    Xt = X.transpose(-1, -2)
+    if R <= C:  # (R, R) Gram: w = Y X^T (X X^T + lam I)^-1
+        L = _cholesky((X @ Xt).double() + lam * torch.eye(R, dtype=torch.float64, device=Y.device))  # (B, R, R)
+
+        def solve(T: Tensor) -> Tensor:  # T (B, Q, C) -> (B, Q, R)
+            return torch.cholesky_solve((X @ T.transpose(-1, -2)).double(), L).transpose(-1, -2).to(dtype)
+
+    else:  # push-through identity on the (C, C) Gram: w = Y (X^T X + lam I)^-1 X^T
+        L = _cholesky((Xt @ X).double() + lam * torch.eye(C, dtype=torch.float64, device=Y.device))  # (B, C, C)
+
+        def solve(T: Tensor) -> Tensor:
+            V = torch.cholesky_solve(T.transpose(-1, -2).double(), L).transpose(-1, -2)  # (B, Q, C)
+            return V.to(dtype) @ Xt  # (B, Q, R)
+
+    w = solve(Y)
+    return w + solve(Y - w @ X)  # one refinement step
 
 
 def ben_israel_pinv(A: Tensor, iters: int = 60) -> Tensor:
@@ -342,6 +354,10 @@ class ItemMemory:
         self.M_ref = memory.M0.detach().to(dev, torch.float64).clone()  # (K, C) frozen reference for keys
         self.M = torch.zeros(K, C, dtype=torch.float64, device=dev)  # (K, C)
         self.U = torch.eye(K, dtype=torch.float64, device=dev)  # (K, K)
+        # keys are linear in z: W = Z P with P = I M_ref^+ (C, K), factored once
+        eye = torch.eye(C, dtype=torch.float64, device=dev)
+        cfg = self.config
+        self._key_op = solve_weights(eye[None], self.M_ref[None], cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)[0]
         self._z: dict[str, Tensor] = {}  # id -> (C,) latent, in write order
         self._w: dict[str, Tensor] = {}  # id -> (K,) key
 
@@ -367,9 +383,8 @@ class ItemMemory:
         return self._z[item_id]
 
     def keys_for(self, Z: Tensor) -> Tensor:
-        """Keys W (n, K) of latents Z (n, C) against the frozen reference memory."""
-        cfg = self.config
-        return solve_weights(Z[None], self.M_ref[None], cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)[0]
+        """Keys W (n, K) = Z M_ref^+ of latents Z (n, C) against the frozen reference memory."""
+        return Z @ self._key_op  # (n, K)
 
     def _update(self, W: Tensor, Z: Tensor, alpha: float) -> None:
         """Kalman-gain RLS step with keys W (n, K), items Z (n, C), alpha = +1 write / -1 forget."""
@@ -460,7 +475,9 @@ class ItemMemory:
                 got = tuple(tensors[name].shape) if name in tensors else None
                 raise ValueError(f"memory state tensor {name!r} must have shape {shape}, got {got}")
         dev = im.device
-        im.M, im.U, im.M_ref = (tensors[k].to(dev, torch.float64).clone() for k in ("M", "U", "M_ref"))
+        if not torch.equal(tensors["M_ref"].to(dev, torch.float64), im.M_ref):
+            raise ValueError("memory state was written with another prior mean M0 (a different checkpoint)")
+        im.M, im.U = (tensors[k].to(dev, torch.float64).clone() for k in ("M", "U"))
         for i, item_id in enumerate(ids):
             im._z[item_id] = tensors["Z"][i].to(dev, torch.float64)
             im._w[item_id] = tensors["W"][i].to(dev, torch.float64)

@@ -1,0 +1,115 @@
+"""Benchmarks that print numbers: `larimar bench memory`.
+
+Times write + read of the memory with the default solver against torch.linalg.pinv (SVD) in the same run,
+plus one sequential write and one forget, and reports the reconstruction error of the written items.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from larimar.memory import EpisodicMemory, ItemMemory, MemoryConfig
+
+logger = logging.getLogger(__name__)
+
+MEMORY_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (512, 384, 16, 1),
+    (512, 768, 16, 64),
+    (512, 768, 256, 1),
+    (2048, 768, 1024, 1),
+)
+
+
+def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+    """Wall-clock times (ms) of fn over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def _pinv_write_read(M0: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """The reference path with SVD pseudo-inverses: W = Z M0^+, M = W^+ Z, z = Z M^+ M."""
+    W = Z @ torch.linalg.pinv(M0)  # (B, N, K)
+    M = torch.linalg.pinv(W) @ Z  # (B, K, C)
+    return Z @ torch.linalg.pinv(M) @ M  # (B, N, C)
+
+
+def bench_memory(device: str = "cpu", repeats: int = 5, seed: int = 0) -> list[dict]:
+    """Times the memory on the issue's shapes; returns one row per measurement.
+
+    Args:
+        device: "cpu" or "cuda".
+        repeats: timed runs per row (the median is reported), after one warm-up.
+        seed: seed of the random episodes.
+    """
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    rows: list[dict] = []
+    with torch.no_grad():
+        for K, C, N, B in MEMORY_SHAPES:
+            mem = EpisodicMemory(MemoryConfig(num_slots=K, code_size=C)).to(dev)
+            Z = torch.randn(B, N, C, generator=g).to(dev)
+            reps = repeats if K * N * B < 2048 * 1024 else max(1, repeats // 2)
+            t_ridge = _time_ms(lambda: mem.write_read(Z, Z), reps, dev)
+            t_pinv = _time_ms(lambda: _pinv_write_read(mem.M0, Z), reps, dev)
+            z_read = mem.write_read(Z, Z)[1]
+            z_pinv = _pinv_write_read(mem.M0, Z)
+            err = ((z_read - Z).norm(dim=-1) / Z.norm(dim=-1)).max().item()
+            err_pinv = ((z_pinv - Z).norm(dim=-1) / Z.norm(dim=-1)).max().item()
+            med, med_pinv = statistics.median(t_ridge), statistics.median(t_pinv)
+            rows.append(dict(op="write_read", K=K, C=C, N=N, B=B, solver=mem.config.solver, device=device,
+                             dtype="float32", median_ms=med, pinv_median_ms=med_pinv, speedup=med_pinv / med,
+                             max_rel_error=err, pinv_max_rel_error=err_pinv))
+        # sequential write and forget of one item at K = 512, C = 384, into a memory holding 64 items
+        mem = EpisodicMemory(MemoryConfig(num_slots=512, code_size=384)).to(dev)
+        im = ItemMemory(mem)
+        im.write(torch.randn(64, 384, generator=g).to(dev))
+        items = torch.randn(repeats * 4 + 2, 384, generator=g).to(dev)
+        ids: list[str] = []
+        it = iter(range(items.shape[0]))
+        t_write = _time_ms(lambda: ids.extend(im.write(items[next(it)][None])), repeats * 4, dev)
+        t_forget = _time_ms(lambda: im.forget([ids.pop()]), repeats * 4, dev)
+        for op, t in (("sequential_write", t_write), ("forget", t_forget)):
+            rows.append(dict(op=op, K=512, C=384, N=1, B=1, solver=mem.config.solver, device=device,
+                             dtype="float64", median_ms=statistics.median(t), pinv_median_ms=None, speedup=None,
+                             max_rel_error=None))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of benchmark rows."""
+    lines = ["| op | K | C | N | B | solver | median ms | pinv median ms | speedup | max rel error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pinv = f"{r['pinv_median_ms']:.2f}" if r["pinv_median_ms"] is not None else "-"
+        sp = f"{r['speedup']:.1f}x" if r["speedup"] is not None else "-"
+        err = f"{r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else "-"
+        lines.append(f"| {r['op']} | {r['K']} | {r['C']} | {r['N']} | {r['B']} | {r['solver']} | "
+                     f"{r['median_ms']:.3f} | {pinv} | {sp} | {err} |")
+    return "\n".join(lines)
+
+
+def run_memory_bench(device: str = "cpu", out: str | None = None, repeats: int = 5) -> list[dict]:
+    """Runs the memory benchmark, prints the table and optionally writes the rows as JSON."""
+    rows = bench_memory(device=device, repeats=repeats)
+    print(format_table(rows))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {out}")
+    return rows

@@ -1,0 +1,904 @@
+"""The Larimar model: encoder adapter, episodic memory, latent-conditioned decoder, loss, save / load.
+
+Data flows one way (METHOD.md section 1)::
+
+    text --LatentEncoder--> z (C)  --EpisodicMemory.write--> M (K, C)
+    query --LatentEncoder--> z_q --EpisodicMemory.read(M)--> z_read --LatentDecoder--> tokens
+
+Pieces, top to bottom:
+    DecoderArch / DECODER_ARCHS   per-architecture differences as data (keyed by the config's ``model_type``)
+    LoRALinear / apply_lora       a small hand-written LoRA for nn.Linear and GPT-2's Conv1D
+    LatentEncoder                 HF encoder -> mean pooling over non-pad tokens -> Linear(hidden, C)
+    LatentDecoder                 HF causal LM conditioned on z: a latent key/value slot per layer (a real
+                                  cache prefix) + an additive embedding offset; cached generation
+    LarimarConfig                 dataclass, JSON round trip
+    LarimarModel                  encode / write / read / decode, the loss of paper Eq. 1, save / load
+
+Decoder conditioning, for a latent z (B, C) and a decoder with L layers, H_kv key/value heads of size D:
+
+    key_l = value_l = (W z)[l]          W: Linear(C, L * H_kv * D), split per layer to (B, H_kv, 1, D);
+                                        not rotated, no position; inserted as a pre-filled DynamicCache
+    embeds_t = E[x_t] + W_emb z         W_emb: Linear(C, hidden) on every token
+
+A row whose z is exactly zero means "no memory": its latent slot is masked out, so that row runs the untouched
+pretrained decoder (to float rounding). Real tokens get position ids 0..T-1 (counted over non-pad tokens), as
+without memory, so absolute-position models (GPT-2) see the same positions.
+
+Decoder input convention: every decoded text is preceded by a start token (the tokenizer's BOS, else its EOS,
+or ``LarimarConfig.decoder_start_token``), so that every token of a text is predicted, the first one from
+the start token, the latent slot and the embedding offset. The same convention holds at training, scoring and
+generation (``LarimarModel.tokenize_decoder``).
+
+Usage::
+
+    model = LarimarModel.from_backbones(LarimarConfig(), enc_model, enc_tok, dec_model, dec_tok)
+    Z = model.encode_texts(["The capital of France is Rome."])[None]      # (1, 1, C)
+    M = model.write(Z)                                                     # (1, K, C)
+    z_read, _, _ = model.read(M, model.encode_texts(["The capital of France is"])[None])
+    print(model.generate_text(["The capital of France is"], z_read[0], max_new_tokens=5))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.pytorch_utils import Conv1D
+
+from larimar.memory import EpisodicMemory, MemoryConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+DECODER_TRAINING = ("frozen", "lora", "full")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-architecture differences, as data
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    """Where a decoder family keeps what the latent conditioning needs.
+
+    Attributes:
+        num_layers: config attribute holding the number of transformer layers.
+        num_heads: config attribute holding the number of attention (query) heads.
+        num_kv_heads: config attribute holding the number of key/value heads (None: same as num_heads).
+        hidden_size: config attribute holding the model width.
+        head_dim: config attribute holding the head size, if the config has one (else hidden / heads).
+        embedding: module path of the token embedding inside the causal-LM model.
+        lora_targets: default LoRA target module names (leaf names) for "q and v" in this family.
+    """
+
+    num_layers: str
+    num_heads: str
+    num_kv_heads: str | None
+    hidden_size: str
+    head_dim: str | None
+    embedding: str
+    lora_targets: tuple[str, ...]
+
+
+DECODER_ARCHS: dict[str, DecoderArch] = {
+    "llama": DecoderArch(
+        "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim",
+        "model.embed_tokens", ("q_proj", "v_proj"),
+    ),
+    "gpt2": DecoderArch("n_layer", "n_head", None, "n_embd", None, "transformer.wte", ("c_attn",)),
+    "gpt_neox": DecoderArch(
+        "num_hidden_layers", "num_attention_heads", None, "hidden_size", None, "gpt_neox.embed_in",
+        ("query_key_value",),
+    ),
+    "gptj": DecoderArch("n_layer", "n_head", None, "n_embd", None, "transformer.wte", ("q_proj", "v_proj")),
+}
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """Sizes of a decoder read from its config through its `DecoderArch`."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+
+def decoder_arch(hf_config: Any) -> DecoderArch:
+    """The `DecoderArch` of an HF config, by its ``model_type``.
+
+    Raises:
+        ValueError: the model type is not supported.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in DECODER_ARCHS:
+        raise ValueError(f"unsupported decoder model_type {model_type!r}; expected one of {sorted(DECODER_ARCHS)}")
+    return DECODER_ARCHS[model_type]
+
+
+def decoder_shape(hf_config: Any) -> DecoderShape:
+    """Number of layers, key/value heads, head size and width of a supported decoder config."""
+    arch = decoder_arch(hf_config)
+    layers = int(getattr(hf_config, arch.num_layers))
+    heads = int(getattr(hf_config, arch.num_heads))
+    hidden = int(getattr(hf_config, arch.hidden_size))
+    kv_heads = int(getattr(hf_config, arch.num_kv_heads) or heads) if arch.num_kv_heads else heads
+    head_dim = getattr(hf_config, arch.head_dim, None) if arch.head_dim else None
+    return DecoderShape(layers, kv_heads, int(head_dim) if head_dim else hidden // heads, hidden)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * x A^T B^T, for a frozen nn.Linear or GPT-2 Conv1D ``base``.
+
+    B starts at zero, so a fresh LoRA leaves the model unchanged.
+
+    Args:
+        base: the wrapped layer (kept as ``self.base``; its weights are not touched).
+        rank: r.
+        alpha: scaling numerator.
+        generator: random generator for the init of A.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            in_features, out_features = base.weight.shape  # Conv1D stores (in, out)
+        else:
+            raise ValueError(f"LoRA supports nn.Linear and Conv1D, got {type(base).__name__}")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.rank, self.scaling = rank, alpha / rank
+        w = base.weight
+        A = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
+        self.lora_A = nn.Parameter(A.to(w.device, w.dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=w.device, dtype=w.dtype))  # (out, r)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling  # (..., out)
+
+
+def apply_lora(
+    model: nn.Module, targets: list[str] | tuple[str, ...], rank: int, alpha: float,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Wraps every submodule whose leaf name is in ``targets`` in a `LoRALinear`, in place.
+
+    Returns:
+        the qualified names of the wrapped modules.
+
+    Raises:
+        ValueError: no module matched.
+    """
+    names = [
+        n for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, Conv1D))
+    ]
+    if not names:
+        raise ValueError(f"no nn.Linear / Conv1D module named one of {list(targets)} in {type(model).__name__}")
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rank, alpha, generator))
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder adapter
+
+
+class LatentEncoder(nn.Module):
+    """An HF encoder, mean pooling over non-pad tokens, then Linear(hidden, C).
+
+    The tokenizer's own special tokens ([CLS] ... [SEP]) are used at training and inference alike: both go
+    through `tokenize`.
+
+    Args:
+        model: an HF encoder (``AutoModel``) returning ``last_hidden_state``.
+        tokenizer: its tokenizer.
+        latent_size: C.
+        max_length: truncation length in tokens (special tokens included).
+        generator: random generator for the projection's init.
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, latent_size: int, max_length: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if getattr(model, "pooler", None) is not None:
+            # BERT-style [CLS] pooler head: unused by mean pooling, it would only hold never-updated weights
+            model.pooler = None
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        hidden = int(model.config.hidden_size)
+        self.proj = nn.Linear(hidden, latent_size)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(latent_size, hidden, generator=generator) / math.sqrt(hidden))
+            self.proj.bias.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj.weight.device
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """Tokenizes with the tokenizer's special tokens, right-padded: input_ids, attention_mask (B, Te)."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a list of strings")
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Encodes token ids (B, Te) with mask (B, Te) to latents z (B, C)."""
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, Te, H)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, Te, 1)
+        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, H)
+        return self.proj(pooled.to(self.proj.weight.dtype))  # (B, C)
+
+    def encode_texts(self, texts: list[str]) -> Tensor:
+        """Encodes texts to latents z (B, C)."""
+        return self(**self.tokenize(texts))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Latent-conditioned decoder
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids (B, T) counting non-pad tokens from 0 (pads get 0); arange(T) without padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class LatentDecoder(nn.Module):
+    """A pretrained HF causal LM conditioned on a latent z (B, C).
+
+    Args:
+        model: an HF causal LM whose config ``model_type`` is in `DECODER_ARCHS`.
+        latent_size: C.
+        generator: random generator for the init of the latent key/value projection.
+
+    The key/value projection starts small (std 0.02) and the embedding offset at zero, so an untrained
+    conditioning perturbs the pretrained model only slightly. Gradient checkpointing is refused in training:
+    HF layers drop the cache under it, and with it the latent slot.
+    """
+
+    def __init__(self, model: nn.Module, latent_size: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.arch = decoder_arch(model.config)
+        self.shape = decoder_shape(model.config)
+        s = self.shape
+        w = self.embedding.weight
+        self.latent_size = latent_size
+        self.kv_proj = nn.Linear(latent_size, s.num_layers * s.num_kv_heads * s.head_dim, bias=False)
+        self.emb_proj = nn.Linear(latent_size, s.hidden_size, bias=False)
+        with torch.no_grad():
+            self.kv_proj.weight.copy_(0.02 * torch.randn(self.kv_proj.weight.shape, generator=generator))
+            self.emb_proj.weight.zero_()
+        self.kv_proj.to(w.device, w.dtype)
+        self.emb_proj.to(w.device, w.dtype)
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        """The token embedding module (path from the architecture table)."""
+        return self.model.get_submodule(self.arch.embedding)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_proj.weight.device
+
+    def _check_latent(self, latent: Tensor | None, batch: int) -> Tensor:
+        dtype = self.kv_proj.weight.dtype
+        if latent is None:
+            return torch.zeros(batch, self.latent_size, device=self.device, dtype=dtype)
+        if latent.dim() != 2 or tuple(latent.shape) != (batch, self.latent_size):
+            raise ValueError(f"latent must have shape ({batch}, {self.latent_size}), got {tuple(latent.shape)}")
+        return latent.to(self.device, dtype)
+
+    def latent_cache(self, latent: Tensor) -> tuple[DynamicCache, Tensor]:
+        """A cache pre-filled with the latent slot, and the slot's attention mask.
+
+        Args:
+            latent: z (B, C); rows that are exactly zero get a masked slot (no memory).
+
+        Returns:
+            a `DynamicCache` with one (B, H_kv, 1, D) key = value per layer, and the slot mask (B, 1) (long).
+        """
+        s = self.shape
+        B = latent.shape[0]
+        kv = self.kv_proj(latent).view(B, s.num_layers, s.num_kv_heads, 1, s.head_dim)  # (B, L, H_kv, 1, D)
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(s.num_layers):
+            cache.update(kv[:, layer], kv[:, layer], layer)  # key = value = W_l z, (B, H_kv, 1, D)
+        slot_mask = latent.ne(0).any(-1, keepdim=True).long()  # (B, 1)
+        return cache, slot_mask
+
+    def step(
+        self, input_ids: Tensor, latent: Tensor, full_mask: Tensor, position_ids: Tensor, cache: DynamicCache
+    ) -> Tensor:
+        """One forward of new tokens through a latent cache (from `latent_cache`), extending it.
+
+        Args:
+            input_ids: new tokens (B, t).
+            latent: z (B, C) (for the embedding offset).
+            full_mask: (B, 1 + past + t): the slot mask, then the mask of every token seen so far.
+            position_ids: positions (B, t) of the new tokens.
+            cache: the cache, updated in place.
+
+        Returns:
+            logits (B, t, V).
+        """
+        embeds = self.embedding(input_ids) + self.emb_proj(latent).unsqueeze(1)  # (B, t, hidden)
+        out = self.model(
+            inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, cache=cache, use_cache=True
+        )
+        return out.logits
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, latent: Tensor | None = None) -> Tensor:
+        """Logits of the decoder conditioned on latent.
+
+        Args:
+            input_ids: tokens (B, T), left or right padded.
+            attention_mask: (B, T), 1 for real tokens (default: all ones).
+            latent: z (B, C); None or zero rows mean no memory.
+
+        Returns:
+            logits (B, T, V).
+        """
+        if self.training and getattr(self.model, "is_gradient_checkpointing", False):
+            raise ValueError("gradient checkpointing drops the latent cache slot; disable it on the decoder")
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        latent = self._check_latent(latent, B)
+        cache, slot_mask = self.latent_cache(latent)
+        full_mask = torch.cat([slot_mask, attention_mask.long()], dim=1)  # (B, 1 + T)
+        return self.step(input_ids, latent, full_mask, positions_from_mask(attention_mask), cache)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        latent: Tensor | None,
+        max_new_tokens: int,
+        attention_mask: Tensor | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Continues left-padded prompts, with the KV cache.
+
+        Args:
+            input_ids: prompts (B, T), left padded.
+            latent: z (B, C) or None (no memory).
+            max_new_tokens: number of tokens to generate at most.
+            attention_mask: (B, T) (default: all ones).
+            do_sample: sample instead of greedy decoding.
+            temperature: softmax temperature when sampling.
+            top_p: nucleus sampling threshold when sampling.
+            eos_token_id: a row stops after emitting it.
+            pad_token_id: fills finished rows (default: eos_token_id, else 0).
+            generator: random generator for sampling.
+            use_cache: False recomputes the whole sequence every step (the reference for tests).
+
+        Returns:
+            new token ids (B, n) with n <= max_new_tokens (all rows stopped early: n is smaller).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        B = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        latent = self._check_latent(latent, B)
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        seq = input_ids
+        out: list[Tensor] = []
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        cache, slot_mask = self.latent_cache(latent)
+        logits = self.step(seq, latent, torch.cat([slot_mask, mask], 1), positions_from_mask(mask), cache)[:, -1]
+        for _ in range(max_new_tokens):
+            nxt = _next_token(logits.float(), do_sample, temperature, top_p, generator)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out.append(nxt)
+            if eos_token_id is not None:
+                done = done | nxt.eq(eos_token_id)
+            if bool(done.all()) or len(out) == max_new_tokens:
+                break
+            pos = mask.sum(-1, keepdim=True)  # (B, 1): the new token's position
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, T + n)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            if use_cache:
+                logits = self.step(nxt[:, None], latent, torch.cat([slot_mask, mask], 1), pos, cache)[:, -1]
+            else:
+                logits = self(seq, mask, latent)[:, -1]
+        if not out:
+            return input_ids.new_zeros(B, 0)
+        return torch.stack(out, 1)  # (B, n)
+
+
+def _next_token(
+    logits: Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> Tensor:
+    """Greedy or temperature / nucleus sampled next token (B,) from logits (B, V)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)  # (B, V)
+    if top_p < 1.0:
+        p_sorted, idx = probs.sort(-1, descending=True)  # (B, V)
+        keep = p_sorted.cumsum(-1) - p_sorted < top_p  # always keeps the top token
+        p_sorted = p_sorted * keep
+        probs = torch.zeros_like(probs).scatter(-1, idx, p_sorted)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class LarimarConfig:
+    """Everything needed to rebuild a Larimar model around its backbones.
+
+    Attributes:
+        encoder: encoder name or path for `larimar.backbones.load_encoder` (None: the default MiniLM).
+        decoder: decoder name or path for `larimar.backbones.load_decoder` (None: the default SmolLM2-135M).
+        latent_size: C; must equal ``memory.code_size``.
+        memory: the episodic memory's config.
+        train_encoder: train the encoder backbone (the projection always trains).
+        decoder_training: "frozen" (only the latent projections), "lora" or "full".
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA alpha (scaling alpha / r).
+        lora_targets: LoRA target leaf module names (None: the architecture's q / v, see `DECODER_ARCHS`).
+        max_encoder_length: encoder truncation length (tokens, special tokens included).
+        max_decoder_length: decoder truncation length (tokens, the start token excluded).
+        decoder_start_token: start token prepended to decoded texts, as a vocabulary string (None: the
+            tokenizer's BOS, else its EOS). For SmolLM2-Instruct (BOS "<|im_start|>", a chat-turn marker) use
+            "<|endoftext|>", the pretraining document separator: on plain sentences the untouched model's NLL
+            is 3.15 nats / token after it against 4.74 after "<|im_start|>".
+        seed: seed of the initialisation of the new parameters (a local generator; global RNG untouched).
+    """
+
+    encoder: str | None = None
+    decoder: str | None = None
+    latent_size: int = 384
+    memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(num_slots=512, code_size=384))
+    train_encoder: bool = True
+    decoder_training: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] | None = None
+    max_encoder_length: int = 64
+    max_decoder_length: int = 64
+    decoder_start_token: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.memory, dict):
+            self.memory = MemoryConfig(**self.memory)
+        if self.memory.code_size != self.latent_size:
+            raise ValueError(
+                f"memory.code_size ({self.memory.code_size}) must equal latent_size ({self.latent_size})"
+            )
+        if self.decoder_training not in DECODER_TRAINING:
+            raise ValueError(f"decoder_training must be one of {DECODER_TRAINING}, got {self.decoder_training!r}")
+        if self.lora_targets is not None:
+            self.lora_targets = list(self.lora_targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LarimarConfig":
+        """Inverse of `to_dict`.
+
+        Raises:
+            KeyError: unknown keys.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise KeyError(f"unknown LarimarConfig keys {unknown}; expected a subset of {sorted(known)}")
+        d = dict(d)
+        if isinstance(d.get("memory"), dict):
+            d["memory"] = MemoryConfig(**d["memory"])
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+def _token_ce(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sequence summed NLL (B,) and target counts (B,) of next-token prediction.
+
+    Token t is predicted from position t - 1 and counts where target_mask[:, t] is 1 (t >= 1).
+    """
+    logits = logits[:, :-1]  # (B, T-1, V)
+    tgt = input_ids[:, 1:]  # (B, T-1)
+    m = target_mask[:, 1:].float()  # (B, T-1)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt)  # (B, T-1)
+    return (nll * m).sum(-1), m.sum(-1)
+
+
+def _start_token_id(tokenizer: Any, token: str | None) -> int:
+    """Id of the decoder start token: ``token`` if given (one vocabulary entry), else BOS, else EOS."""
+    if token is not None:
+        vocab = tokenizer.get_vocab()
+        if token not in vocab:
+            raise ValueError(f"decoder_start_token {token!r} is not a token of the decoder tokenizer's vocabulary")
+        return int(vocab[token])
+    for attr in ("bos_token_id", "eos_token_id"):
+        tid = getattr(tokenizer, attr, None)
+        if tid is not None:
+            return int(tid)
+    raise ValueError("the decoder tokenizer has no BOS / EOS token: set LarimarConfig.decoder_start_token")
+
+
+class LarimarModel(nn.Module):
+    """Encoder, episodic memory and latent-conditioned decoder (paper section 3).
+
+    Args:
+        config: the model config.
+        encoder_model: HF encoder (``AutoModel``).
+        encoder_tokenizer: its tokenizer.
+        decoder_model: HF causal LM (model_type in `DECODER_ARCHS`).
+        decoder_tokenizer: its tokenizer.
+
+    Trainable parameters: the encoder projection, the decoder's latent projections, the memory prior M0 and
+    read-noise head always; the encoder backbone if ``train_encoder``; LoRA weights with
+    ``decoder_training="lora"``; every decoder weight with ``"full"``.
+    """
+
+    def __init__(
+        self, config: LarimarConfig, encoder_model: nn.Module, encoder_tokenizer: Any, decoder_model: nn.Module,
+        decoder_tokenizer: Any,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        gen = torch.Generator().manual_seed(config.seed)
+        self.encoder = LatentEncoder(
+            encoder_model, encoder_tokenizer, config.latent_size, config.max_encoder_length, gen
+        )
+        self.memory = EpisodicMemory(config.memory)
+        self.decoder = LatentDecoder(decoder_model, config.latent_size, gen)
+        self.decoder_tokenizer = decoder_tokenizer
+        for p in self.encoder.model.parameters():
+            p.requires_grad_(config.train_encoder)
+        for p in self.decoder.model.parameters():
+            p.requires_grad_(config.decoder_training == "full")
+        if config.decoder_training == "lora":
+            targets = config.lora_targets or list(self.decoder.arch.lora_targets)
+            wrapped = apply_lora(self.decoder.model, targets, config.lora_rank, config.lora_alpha, gen)
+            logger.info("LoRA (r=%d) on %d decoder modules", config.lora_rank, len(wrapped))
+        self.start_token_id = _start_token_id(decoder_tokenizer, config.decoder_start_token)
+        pad = getattr(decoder_tokenizer, "pad_token_id", None)
+        eos = getattr(decoder_tokenizer, "eos_token_id", None)
+        self.eos_token_id: int | None = None if eos is None else int(eos)
+        self.pad_token_id = int(pad if pad is not None else (eos if eos is not None else 0))
+
+    @classmethod
+    def from_backbones(
+        cls, config: LarimarConfig, encoder_model: nn.Module, encoder_tokenizer: Any, decoder_model: nn.Module,
+        decoder_tokenizer: Any,
+    ) -> "LarimarModel":
+        """Builds a model around already loaded backbones (tests, training)."""
+        return cls(config, encoder_model, encoder_tokenizer, decoder_model, decoder_tokenizer)
+
+    @property
+    def encoder_tokenizer(self) -> Any:
+        return self.encoder.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    # -- encoder / memory ------------------------------------------------------------------------------------
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Encodes encoder tokens (B, Te) to latents z (B, C) (float32)."""
+        return self.encoder(input_ids, attention_mask).float()
+
+    def encode_texts(self, texts: list[str]) -> Tensor:
+        """Encodes texts to latents z (B, C) (float32), with the encoder's special tokens."""
+        return self.encoder.encode_texts(texts).float()
+
+    def write(self, Z: Tensor, noise_std: float = 0.0) -> Tensor:
+        """Batch-writes episodes Z (B, N, C); returns memories M (B, K, C)."""
+        return self.memory.write(Z, noise_std=noise_std)
+
+    def read(self, M: Tensor, Zq: Tensor, sample: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Reads memories M (B, K, C) at queries Zq (B, Q, C): z_read (B, Q, C), w_mean, w_std (B, Q, K)."""
+        return self.memory.read(M, Zq, sample=sample)
+
+    # -- decoder ---------------------------------------------------------------------------------------------
+    def tokenize_decoder(
+        self, texts: list[str], add_start: bool = True, left_pad: bool = False, max_length: int | None = None
+    ) -> dict[str, Tensor]:
+        """Tokenizes texts for the decoder: the start token, then the text's tokens (no other special tokens).
+
+        Args:
+            texts: the texts.
+            add_start: prepend the start token (the convention everywhere in this model).
+            left_pad: pad on the left (generation) instead of the right (training, scoring).
+            max_length: truncation of the text's tokens (default: ``config.max_decoder_length``).
+
+        Returns:
+            input_ids and attention_mask (B, T).
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a list of strings")
+        max_length = max_length or self.config.max_decoder_length
+        rows = [self.decoder_tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+        if add_start:
+            rows = [[self.start_token_id, *r] for r in rows]
+        return self._pad(rows, left_pad)
+
+    def _pad(self, rows: list[list[int]], left_pad: bool) -> dict[str, Tensor]:
+        T = max((len(r) for r in rows), default=0)
+        ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(T - len(r), T) if left_pad else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r, dtype=torch.long)
+            mask[i, sl] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def decode_logits(self, input_ids: Tensor, attention_mask: Tensor | None, latent: Tensor | None) -> Tensor:
+        """Decoder logits (B, T, V) for tokens (B, T) conditioned on latent (B, C) (None / zero rows: no memory)."""
+        return self.decoder(input_ids, attention_mask, latent)
+
+    def token_nll(
+        self, input_ids: Tensor, attention_mask: Tensor | None, latent: Tensor | None, target_mask: Tensor
+    ) -> Tensor:
+        """Mean NLL per sequence (B,) of the target tokens.
+
+        Args:
+            input_ids: tokens (B, T) (right padded; starting with the start token).
+            attention_mask: (B, T).
+            latent: z (B, C) or None.
+            target_mask: (B, T), 1 at tokens to score (position 0 is never scored: nothing predicts it).
+
+        Returns:
+            (B,) mean NLL over each row's target tokens (0 for a row without targets).
+        """
+        logits = self.decode_logits(input_ids, attention_mask, latent)  # (B, T, V)
+        if attention_mask is not None:
+            target_mask = target_mask * attention_mask
+        total, count = _token_ce(logits, input_ids, target_mask)
+        return total / count.clamp_min(1.0)
+
+    def continuation_nll(self, prompts: list[str], continuations: list[str], latent: Tensor | None) -> Tensor:
+        """Mean NLL per row (B,) of ``continuations[i]`` after ``prompts[i]`` (e.g. " Rome" after a prompt).
+
+        Prompt and continuation are tokenized separately and concatenated, after the start token.
+        """
+        if len(prompts) != len(continuations):
+            raise ValueError(f"got {len(prompts)} prompts and {len(continuations)} continuations")
+        tok = self.decoder_tokenizer
+        rows, starts = [], []
+        for p, c in zip(prompts, continuations):
+            p_ids = tok(p, add_special_tokens=False)["input_ids"]
+            c_ids = tok(c, add_special_tokens=False)["input_ids"]
+            if not c_ids:
+                raise ValueError(f"continuation {c!r} tokenizes to nothing")
+            rows.append([self.start_token_id, *p_ids, *c_ids])
+            starts.append(1 + len(p_ids))
+        batch = self._pad(rows, left_pad=False)
+        target = torch.zeros_like(batch["attention_mask"])
+        for i, (r, s) in enumerate(zip(rows, starts)):
+            target[i, s : len(r)] = 1
+        return self.token_nll(batch["input_ids"], batch["attention_mask"], latent, target)
+
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        latent: Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """New tokens (B, n) continuing left-padded prompts (B, T) under latent (B, C); see `LatentDecoder.generate`."""
+        return self.decoder.generate(
+            input_ids, latent, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
+            temperature=temperature, top_p=top_p,
+            eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id,
+            pad_token_id=self.pad_token_id, generator=generator,
+        )
+
+    def generate_text(
+        self, prompts: list[str], latent: Tensor | None = None, max_new_tokens: int = 32, **kwargs: Any
+    ) -> list[str]:
+        """Generates continuations of prompts (start token prepended, left padded); keyword args as `generate`."""
+        batch = self.tokenize_decoder(prompts, left_pad=True)
+        new = self.generate(batch["input_ids"], batch["attention_mask"], latent, max_new_tokens, **kwargs)
+        texts = []
+        for row in new.tolist():
+            if self.eos_token_id is not None and self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id)]
+            texts.append(self.decoder_tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    # -- training loss (paper Eq. 1) -------------------------------------------------------------------------
+    def loss(
+        self,
+        batch: dict[str, Tensor],
+        beta: float,
+        write_noise_std: float = 0.0,
+        rec_weight: float = 1.0,
+        ae_weight: float = 1.0,
+        lm_weight: float = 1.0,
+        sample_read: bool | None = None,
+    ) -> dict[str, Tensor]:
+        """rec * CE(x | z_read) + ae * CE(x | z_enc) + beta * KL(w) + lm * CE(x | z = 0).
+
+        Args:
+            batch: episodes of E texts: ``enc_input_ids``, ``enc_attention_mask`` (B, E, Te) (encoder tokens,
+                special tokens included) and ``dec_input_ids``, ``dec_attention_mask`` (B, E, Td) (decoder tokens
+                of the same texts, right padded, without the start token: it is prepended here, so every
+                token is a target).
+            beta: KL weight.
+            write_noise_std: std of the noise added to Z when writing.
+            rec_weight, ae_weight, lm_weight: weights of the three CE terms; lm_weight = 0 skips its forward.
+            sample_read: sample the read weights (default: ``self.training``).
+
+        Returns:
+            dict with scalars ``loss``, ``rec``, ``ae``, ``kl``, ``lm`` (CE are token means; ``lm`` is 0
+            when skipped).
+        """
+        for key in ("enc_input_ids", "enc_attention_mask", "dec_input_ids", "dec_attention_mask"):
+            if key not in batch:
+                raise KeyError(f"batch is missing {key!r}")
+        enc_ids, enc_mask = batch["enc_input_ids"], batch["enc_attention_mask"]
+        dec_ids, dec_mask = batch["dec_input_ids"], batch["dec_attention_mask"]
+        if enc_ids.dim() != 3 or dec_ids.dim() != 3 or enc_ids.shape[:2] != dec_ids.shape[:2]:
+            raise ValueError(
+                f"expected enc tokens (B, E, Te) and dec tokens (B, E, Td), got {tuple(enc_ids.shape)} "
+                f"and {tuple(dec_ids.shape)}"
+            )
+        B, E = enc_ids.shape[:2]
+        Z = self.encode(enc_ids.flatten(0, 1), enc_mask.flatten(0, 1)).view(B, E, -1)  # (B, E, C)
+        M = self.write(Z, noise_std=write_noise_std)  # (B, K, C)
+        sample = self.training if sample_read is None else sample_read
+        z_read, w_mean, w_std = self.read(M, Z, sample=sample)  # (B, E, C), (B, E, K)
+        kl = self.memory.kl(w_mean, w_std)
+
+        ids, mask = dec_ids.flatten(0, 1), dec_mask.flatten(0, 1).long()  # (N, Td), N = B * E
+        if bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise ValueError("dec_attention_mask must be right padded (ones, then zeros)")
+        N = ids.shape[0]
+        start = torch.full((N, 1), self.start_token_id, dtype=ids.dtype, device=ids.device)
+        ids = torch.cat([start, ids], 1)  # (N, 1 + Td)
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)  # (N, 1 + Td)
+
+        latents = [z_read.reshape(N, -1), Z.reshape(N, -1)]  # (N, C) each
+        if lm_weight != 0:
+            latents.append(torch.zeros_like(latents[0]))
+        n_terms = len(latents)  # one decoder forward for all terms: (n_terms * N) rows
+        ids, mask = ids.repeat(n_terms, 1), mask.repeat(n_terms, 1)  # (n_terms * N, 1 + Td)
+        logits = self.decode_logits(ids, mask, torch.cat(latents, 0))  # (n_terms * N, 1 + Td, V)
+        total, count = _token_ce(logits, ids, mask)  # (n_terms * N,)
+        ce = total.view(n_terms, N).sum(1) / count.view(n_terms, N).sum(1).clamp_min(1.0)  # (n_terms,)
+        rec, ae = ce[0], ce[1]
+        lm = ce[2] if lm_weight != 0 else torch.zeros((), device=ce.device)
+        loss = rec_weight * rec + ae_weight * ae + beta * kl + lm_weight * lm
+        return {"loss": loss, "rec": rec, "ae": ae, "kl": kl, "lm": lm}
+
+    # -- save / load -----------------------------------------------------------------------------------------
+    def _is_saved(self, name: str) -> bool:
+        """Whether a state-dict entry is new or changed relative to the pretrained backbones."""
+        if name.startswith("memory.") or name.startswith("encoder.proj."):
+            return True
+        if name.startswith("decoder.kv_proj.") or name.startswith("decoder.emb_proj."):
+            return True
+        if ".lora_A" in name or ".lora_B" in name:
+            return True
+        if name.startswith("encoder.model."):
+            return self.config.train_encoder
+        if name.startswith("decoder.model."):
+            return self.config.decoder_training == "full"
+        return False
+
+    def saved_state_dict(self) -> dict[str, Tensor]:
+        """The tensors `save_pretrained` writes (tied weights once, under their first name)."""
+        out: dict[str, Tensor] = {}
+        seen: set[tuple[int, int, tuple[int, ...]]] = set()
+        for name, t in self.state_dict().items():
+            if not self._is_saved(name):
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if key in seen:
+                continue
+            seen.add(key)
+            out[name] = t.detach().contiguous().cpu()
+        return out
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Writes ``config.json`` (naming the backbones) and ``model.safetensors`` (new / changed tensors only)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file(self.saved_state_dict(), str(d / WEIGHTS_NAME), metadata={"format": "larimar"})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        encoder: tuple[nn.Module, Any] | None = None,
+        decoder: tuple[nn.Module, Any] | None = None,
+    ) -> "LarimarModel":
+        """Loads a model written by `save_pretrained`.
+
+        Args:
+            directory: the saved model's folder.
+            device: where to put the model (default: CPU).
+            dtype: dtype of the encoder and decoder (with their projections); the memory stays float32.
+            encoder: an already built (model, tokenizer) instead of ``load_encoder(config.encoder)``.
+            decoder: an already built (model, tokenizer) instead of ``load_decoder(config.decoder)``.
+
+        Raises:
+            FileNotFoundError: missing files.
+            ValueError: saved tensors that the model does not use, of the wrong shape, or missing.
+        """
+        d = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d / name} not found (expected a folder written by save_pretrained)")
+        config = LarimarConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
+        if encoder is None or decoder is None:
+            from larimar import backbones
+
+            if encoder is None:
+                encoder = backbones.load_encoder(config.encoder)
+            if decoder is None:
+                decoder = backbones.load_decoder(config.decoder)
+        model = cls(config, encoder[0], encoder[1], decoder[0], decoder[1])
+        tensors = load_file(str(d / WEIGHTS_NAME))
+        own = model.state_dict()
+        unexpected = sorted(k for k in tensors if k not in own)
+        if unexpected:
+            raise ValueError(f"saved tensors not used by the model: {unexpected[:10]}")
+        bad = [k for k, t in tensors.items() if tuple(t.shape) != tuple(own[k].shape)]
+        if bad:
+            raise ValueError(f"saved tensors with the wrong shape: {[(k, tuple(tensors[k].shape)) for k in bad[:10]]}")
+        missing = sorted(set(model.saved_state_dict()) - set(tensors))
+        if missing:
+            raise ValueError(f"tensors missing from {d / WEIGHTS_NAME}: {missing[:10]}")
+        with torch.no_grad():
+            for k, t in tensors.items():
+                own[k].copy_(t)  # state_dict entries share storage with the parameters
+        if device is not None:
+            model.to(device)
+        if dtype is not None:
+            model.encoder.to(dtype=dtype)
+            model.decoder.to(dtype=dtype)
+        return model
