@@ -785,9 +785,9 @@ class LarimarModel(nn.Module):
             )
         B, E = enc_ids.shape[:2]
         Z = self.encode(enc_ids.flatten(0, 1), enc_mask.flatten(0, 1)).view(B, E, -1)  # (B, E, C)
-        M = self.write(Z, noise_std=write_noise_std)  # (B, K, C)
         sample = self.training if sample_read is None else sample_read
-        z_read, w_mean, w_std = self.read(M, Z, sample=sample)  # (B, E, C), (B, E, K)
+        # write the episode and read it back at its own items (the write's low-rank fast path)
+        _, z_read, w_mean, w_std = self.memory.write_read(Z, Z, noise_std=write_noise_std, sample=sample)
         kl = self.memory.kl(w_mean, w_std)
 
         ids, mask = dec_ids.flatten(0, 1), dec_mask.flatten(0, 1).long()  # (N, Td), N = B * E
