@@ -766,12 +766,12 @@ class LarimarModel(nn.Module):
                 token is a target).
             beta: KL weight.
             write_noise_std: std of the noise added to Z when writing.
-            rec_weight, ae_weight, lm_weight: weights of the three CE terms; lm_weight = 0 skips its forward.
+            rec_weight, ae_weight, lm_weight: weights of the three CE terms; a zero weight skips that forward.
             sample_read: sample the read weights (default: ``self.training``).
 
         Returns:
-            dict with scalars ``loss``, ``rec``, ``ae``, ``kl``, ``lm`` (CE are token means; ``lm`` is 0
-            when skipped).
+            dict with scalars ``loss``, ``rec``, ``ae``, ``kl``, ``lm`` (CE are token means; a skipped term
+            reports 0).
         """
         for key in ("enc_input_ids", "enc_attention_mask", "dec_input_ids", "dec_attention_mask"):
             if key not in batch:
@@ -798,18 +798,20 @@ class LarimarModel(nn.Module):
         ids = torch.cat([start, ids], 1)  # (N, 1 + Td)
         mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)  # (N, 1 + Td)
 
-        latents = [z_read.reshape(N, -1), Z.reshape(N, -1)]  # (N, C) each
-        if lm_weight != 0:
-            latents.append(torch.zeros_like(latents[0]))
-        n_terms = len(latents)  # one decoder forward for all terms: (n_terms * N) rows
+        # one decoder forward for all terms with a non-zero weight: (n_terms * N) rows
+        terms = {"rec": z_read.reshape(N, -1), "ae": Z.reshape(N, -1), "lm": torch.zeros_like(Z.reshape(N, -1))}
+        weights = {"rec": rec_weight, "ae": ae_weight, "lm": lm_weight}
+        names = [k for k in terms if weights[k] != 0] or ["rec"]
+        latents = [terms[k] for k in names]  # (N, C) each
+        n_terms = len(latents)
         ids, mask = ids.repeat(n_terms, 1), mask.repeat(n_terms, 1)  # (n_terms * N, 1 + Td)
         logits = self.decode_logits(ids, mask, torch.cat(latents, 0))  # (n_terms * N, 1 + Td, V)
         total, count = _token_ce(logits, ids, mask)  # (n_terms * N,)
         ce = total.view(n_terms, N).sum(1) / count.view(n_terms, N).sum(1).clamp_min(1.0)  # (n_terms,)
-        rec, ae = ce[0], ce[1]
-        lm = ce[2] if lm_weight != 0 else torch.zeros((), device=ce.device)
-        loss = rec_weight * rec + ae_weight * ae + beta * kl + lm_weight * lm
-        return {"loss": loss, "rec": rec, "ae": ae, "kl": kl, "lm": lm}
+        zero = torch.zeros((), device=ce.device)
+        out = {k: (ce[names.index(k)] if k in names else zero) for k in terms}  # skipped terms report 0
+        loss = sum(weights[k] * out[k] for k in names) + beta * kl
+        return {"loss": loss, **out, "kl": kl}
 
     # -- save / load -----------------------------------------------------------------------------------------
     def _is_saved(self, name: str) -> bool:

@@ -1,0 +1,541 @@
+"""End-to-end training of a Larimar model on generic text (paper Eq. 1).
+
+Launch::
+
+    larimar train --config configs/smollm2_cpu.yaml                     # one process (CPU or one GPU)
+    larimar train --config configs/smollm2_gpu.yaml --optim.lr 1e-4     # overrides: --section.key value
+    torchrun --nproc_per_node 8 -m larimar.cli train --config ...        # one node, DDP (NCCL on GPU)
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m larimar.cli train --config ...
+
+Each step takes `batch_episodes` episodes of `episode_size` text blocks (split across processes under DDP),
+encodes the blocks, writes each episode to its own memory, reads it back and decodes every block
+(rec), decodes from the block's own encoding (ae), adds beta_t * KL(w) and, when the decoder is trained,
+decoding with z = 0 (lm). The run folder gets the resolved config (`config.yaml`), `metrics.jsonl`,
+`checkpoint/` (the trainable state, resumable) and, at the end, `model/` (save_pretrained) and `loss.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from larimar.data import iter_episodes, iter_text_blocks, iter_wikipedia_texts
+from larimar.model import LarimarConfig, LarimarModel
+
+logger = logging.getLogger(__name__)
+
+
+# -- config ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Training text.
+
+    Attributes:
+        train_path: JSONL of Wikipedia articles (``{"id", "title", "text"}``), streamed.
+        block_tokens: maximum decoder tokens per block (blocks are word-aligned runs of one paragraph).
+        min_tokens: shorter blocks are dropped.
+        episode_size: E, blocks written together into one memory.
+        shuffle_buffer: blocks held for shuffling (streaming shuffle).
+    """
+
+    train_path: str = "../shared/data/wikipedia_en/enwiki_2018_train.jsonl"
+    block_tokens: int = 64
+    min_tokens: int = 8
+    episode_size: int = 16
+    shuffle_buffer: int = 4096
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation.
+
+    Attributes:
+        steps: optimizer steps.
+        max_minutes: stop early after this wall time (0: no limit); the last state is saved.
+        batch_episodes: episodes per optimizer step (global, over all processes and accumulation steps).
+        grad_accum: micro-batches per optimizer step.
+        lr: AdamW learning rate of the backbones' trained weights (LoRA, encoder, decoder).
+        lr_new: learning rate of the new parameters (projections, memory prior), which start from scratch.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up, then cosine decay to 10 %.
+        max_grad_norm: gradient clipping.
+    """
+
+    steps: int = 1000
+    max_minutes: float = 0.0
+    batch_episodes: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-5
+    lr_new: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    """Paper Eq. 1 weights and schedules.
+
+    Attributes:
+        rec: weight of CE(x | z_read).
+        ae: weight of CE(x | z_enc).
+        lm: weight of CE(x | z = 0); 0 skips that forward (with a frozen decoder it is a constant).
+        beta_max: top of the cyclic KL weight.
+        beta_cycles: cycles over the run (each: half at 0, a quarter ramping, a quarter flat).
+        write_noise_std: std of the noise xi added to the latents when writing.
+    """
+
+    rec: float = 1.0
+    ae: float = 1.0
+    lm: float = 0.0
+    beta_max: float = 0.5
+    beta_cycles: int = 10
+    write_noise_std: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved resolved into the run folder.
+
+    Attributes:
+        model: the Larimar model (backbones, C, K, what is trained).
+        data: the training text.
+        optim: optimisation.
+        loss: loss weights.
+        out_dir: run folder.
+        seed: seed of data order, initialisation and sampling.
+        device: "auto" (CUDA if available), "cpu" or "cuda".
+        bf16: bf16 autocast on CUDA.
+        log_every: steps between metric lines.
+        save_every: steps between resumable checkpoints.
+        resume: continue from ``out_dir/checkpoint`` if it exists.
+        threads: torch CPU threads (0: torch's default).
+    """
+
+    model: LarimarConfig = field(default_factory=LarimarConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    log_every: int = 10
+    save_every: int = 100
+    resume: bool = True
+    threads: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise KeyError(f"unknown config keys {sorted(unknown)}; expected some of {sorted(known)}")
+        sections = {"data": DataConfig, "optim": OptimConfig, "loss": LossConfig}
+        kwargs: dict[str, Any] = {}
+        for k, v in d.items():
+            if k == "model":
+                kwargs[k] = LarimarConfig.from_dict(v or {})
+            elif k in sections:
+                kwargs[k] = _dataclass_from(sections[k], v or {}, k)
+            else:
+                kwargs[k] = v
+        return cls(**kwargs)
+
+
+def _dataclass_from(cls: type, d: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise KeyError(f"unknown keys in {where}: {sorted(unknown)}; expected some of {sorted(names)}")
+    return cls(**d)
+
+
+def _coerce(value: str) -> Any:
+    """A command-line override value parsed as YAML (numbers, booleans, null, lists)."""
+    return yaml.safe_load(value)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Loads a YAML config and applies ``--section.key value`` overrides.
+
+    Raises:
+        FileNotFoundError: no such config file.
+        KeyError: an unknown key in the file or an override.
+        ValueError: a malformed override list.
+    """
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found")
+        d = yaml.safe_load(p.read_text()) or {}
+    overrides = overrides or []
+    if len(overrides) % 2:
+        raise ValueError(f"overrides come in pairs `--section.key value`, got {overrides}")
+    for key, value in zip(overrides[::2], overrides[1::2]):
+        if not key.startswith("--"):
+            raise ValueError(f"override {key!r} must look like --section.key")
+        parts = key[2:].replace("-", "_").split(".")
+        node = d
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _coerce(value)
+    return TrainConfig.from_dict(d)
+
+
+# -- schedules ------------------------------------------------------------------------------------------------
+
+
+def beta_schedule(step: int, total: int, beta_max: float, cycles: int) -> float:
+    """Cyclic KL weight: per cycle, half at 0, a quarter ramping linearly to beta_max, a quarter flat."""
+    if beta_max == 0 or cycles <= 0 or total <= 0:
+        return 0.0
+    period = total / cycles
+    t = (step % period) / period
+    if t < 0.5:
+        return 0.0
+    if t < 0.75:
+        return beta_max * (t - 0.5) / 0.25
+    return beta_max
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -- data -----------------------------------------------------------------------------------------------------
+
+
+def _shuffled(items: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
+    """Streaming shuffle with a fixed-size buffer."""
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < buffer:
+            buf.append(item)
+            continue
+        i = rng.randrange(buffer)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def episode_stream(cfg: DataConfig, decoder_tokenizer: Any, seed: int) -> Iterator[list[Any]]:
+    """Endless stream of episodes (lists of `TextBlock`), reshuffled each pass over the file."""
+    epoch = 0
+    while True:
+        rng = random.Random(seed * 1000 + epoch)
+        blocks = iter_text_blocks(iter_wikipedia_texts(cfg.train_path), decoder_tokenizer, cfg.block_tokens,
+                                  cfg.min_tokens)
+        n = 0
+        for episode in iter_episodes(_shuffled(blocks, cfg.shuffle_buffer, rng), cfg.episode_size):
+            n += 1
+            yield episode
+        if n == 0:
+            raise ValueError(f"{cfg.train_path} yields no episode of {cfg.episode_size} blocks")
+        epoch += 1
+
+
+def collate(episodes: list[list[Any]], model: LarimarModel) -> dict[str, Tensor]:
+    """Episodes of E blocks -> encoder tokens (B, E, Te) and right-padded decoder tokens (B, E, Td)."""
+    B, E = len(episodes), len(episodes[0])
+    texts = [b.text for ep in episodes for b in ep]
+    enc = model.encoder.tokenize(texts)  # (B*E, Te)
+    rows = [list(b.ids)[: model.config.max_decoder_length] for ep in episodes for b in ep]
+    T = max(len(r) for r in rows)
+    ids = torch.full((B * E, T), model.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((B * E, T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    dev = model.device
+    return {
+        "enc_input_ids": enc["input_ids"].view(B, E, -1).to(dev),
+        "enc_attention_mask": enc["attention_mask"].view(B, E, -1).to(dev),
+        "dec_input_ids": ids.view(B, E, T).to(dev),
+        "dec_attention_mask": mask.view(B, E, T).to(dev),
+    }
+
+
+# -- checkpointing (safetensors + JSON; no pickle) --------------------------------------------------------------
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, scalars
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(scalars.items()):
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_checkpoint(folder: Path, model: LarimarModel, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Writes the trainable state, optimizer moments and progress atomically (temp folder, then rename)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp / "model")
+    opt_t, opt_s = _optimizer_tensors(opt)
+    save_file(opt_t, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**meta, "optimizer_scalars": opt_s}, indent=2))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+
+
+class _LossModule(nn.Module):
+    """Wraps the model so DistributedDataParallel sees the loss as a forward call."""
+
+    def __init__(self, model: LarimarModel, cfg: LossConfig) -> None:
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch: dict[str, Tensor], beta: float) -> dict[str, Tensor]:  # type: ignore[override]
+        c = self.cfg
+        return self.model.loss(batch, beta=beta, write_noise_std=c.write_noise_std, rec_weight=c.rec,
+                               ae_weight=c.ae, lm_weight=c.lm)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment (1 process without it)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> LarimarModel:
+    """Loads the backbones named by the config and builds the Larimar model around them."""
+    from larimar.backbones import load_decoder, load_encoder
+
+    enc, enc_tok = load_encoder(cfg.model.encoder)
+    dec, dec_tok = load_decoder(cfg.model.decoder)
+    return LarimarModel.from_backbones(cfg.model, enc, enc_tok, dec, dec_tok).to(device)
+
+
+def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]:
+    """Trains a Larimar model as configured; returns the last metrics.
+
+    Args:
+        cfg: the run's config.
+        model: an already built model (tests); default: built from ``cfg.model``.
+    """
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    rank, local_rank, world = _dist_info()
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{local_rank}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = build_model(cfg, device)
+    model.to(device).train()
+    new_params = [p for n, p in model.named_parameters() if p.requires_grad and _is_new(n)]
+    old_params = [p for n, p in model.named_parameters() if p.requires_grad and not _is_new(n)]
+    groups = [{"params": new_params, "lr": cfg.optim.lr_new}]
+    if old_params:
+        groups.append({"params": old_params, "lr": cfg.optim.lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    n_train = sum(p.numel() for p in new_params + old_params)
+    logger.info("trainable parameters: %d (new %d)", n_train, sum(p.numel() for p in new_params))
+
+    step, tokens_seen, episodes_seen = 0, 0, 0
+    ckpt = out / "checkpoint"
+    if cfg.resume and (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        weights = load_file(str(ckpt / "model" / "model.safetensors"))
+        missing = set(model.saved_state_dict()) - set(weights)
+        if missing:
+            raise ValueError(f"checkpoint {ckpt} lacks tensors {sorted(missing)[:5]}")
+        model.load_state_dict(weights, strict=False)
+        _load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), state.pop("optimizer_scalars"))
+        step, tokens_seen, episodes_seen = state["step"], state["tokens_seen"], state["episodes_seen"]
+        logger.info("resumed from %s at step %d", ckpt, step)
+
+    ddp_module: nn.Module = _LossModule(model, cfg.loss)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_module = DistributedDataParallel(ddp_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    per_rank = cfg.optim.batch_episodes // (world * cfg.optim.grad_accum)
+    if per_rank < 1 or per_rank * world * cfg.optim.grad_accum != cfg.optim.batch_episodes:
+        raise ValueError(
+            f"batch_episodes ({cfg.optim.batch_episodes}) must be a multiple of processes x grad_accum "
+            f"({world} x {cfg.optim.grad_accum})"
+        )
+    stream = episode_stream(cfg.data, model.decoder_tokenizer, cfg.seed)
+    for _ in range(episodes_seen):  # resume: skip what was consumed
+        next(stream)
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    metrics_f = open(out / "metrics.jsonl", "a") if is_main else None
+    t_start = time.perf_counter()
+    bar = tqdm(total=cfg.optim.steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    try:
+        while step < cfg.optim.steps:
+            t0 = time.perf_counter()
+            beta = beta_schedule(step, cfg.optim.steps, cfg.loss.beta_max, cfg.loss.beta_cycles)
+            f = lr_factor(step, cfg.optim.warmup_steps, cfg.optim.steps)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * f
+            opt.zero_grad(set_to_none=True)
+            sums = {"loss": 0.0, "rec": 0.0, "ae": 0.0, "kl": 0.0, "lm": 0.0}
+            step_tokens = 0
+            for _ in range(cfg.optim.grad_accum):
+                global_eps = [next(stream) for _ in range(per_rank * world)]  # every rank reads the same stream
+                episodes = global_eps[rank * per_rank : (rank + 1) * per_rank]
+                episodes_seen += len(global_eps)
+                batch = collate(episodes, model)
+                step_tokens += int(batch["dec_attention_mask"].sum()) * world
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    losses = ddp_module(batch, beta)
+                (losses["loss"] / cfg.optim.grad_accum).backward()
+                for k in sums:
+                    sums[k] += float(losses[k].detach()) / cfg.optim.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(new_params + old_params, cfg.optim.max_grad_norm)
+            opt.step()
+            step += 1
+            tokens_seen += step_tokens
+            dt = time.perf_counter() - t0
+            last = {"step": step, **{k: round(v, 5) for k, v in sums.items()}, "beta": round(beta, 4),
+                    "lr_new": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                    "tokens_seen": tokens_seen, "tokens_per_s": round(step_tokens / dt, 1),
+                    "elapsed_s": round(time.perf_counter() - t_start, 1)}
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", rec=f"{sums['rec']:.3f}", tok_s=f"{step_tokens / dt:.0f}")
+            if is_main and (step % cfg.log_every == 0 or step == 1):
+                metrics_f.write(json.dumps(last) + "\n")
+                metrics_f.flush()
+            out_of_time = cfg.optim.max_minutes and (time.perf_counter() - t_start) / 60 >= cfg.optim.max_minutes
+            if world > 1:  # every rank must agree to stop
+                flag = torch.tensor([1.0 if out_of_time else 0.0], device=device)
+                dist.all_reduce(flag)
+                out_of_time = bool(flag.item() > 0)
+            if is_main and (step % cfg.save_every == 0 or out_of_time or step == cfg.optim.steps):
+                save_checkpoint(ckpt, model, opt, {"step": step, "tokens_seen": tokens_seen,
+                                                   "episodes_seen": episodes_seen})
+            if out_of_time:
+                logger.warning("max_minutes=%s reached at step %d: stopping", cfg.optim.max_minutes, step)
+                if is_main and metrics_f is not None and step % cfg.log_every:
+                    metrics_f.write(json.dumps(last) + "\n")
+                break
+    finally:
+        bar.close()
+        if metrics_f is not None:
+            metrics_f.close()
+    if is_main:
+        model.save_pretrained(out / "model")
+        plot_metrics(out / "metrics.jsonl", out / "loss.png")
+    if world > 1:
+        dist.barrier()
+    return last
+
+
+def _is_new(name: str) -> bool:
+    """Parameters that start from scratch (projections, memory prior) get their own learning rate."""
+    return name.startswith(("memory.", "encoder.proj.", "decoder.kv_proj.", "decoder.emb_proj."))
+
+
+def plot_metrics(metrics_path: Path, png: Path) -> None:
+    """Loss curve (total, rec, ae) against tokens seen, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = [r["tokens_seen"] / 1e6 for r in rows]
+    for key in ("rec", "ae", "lm"):
+        if any(r.get(key) for r in rows):
+            ax.plot(x, [r[key] for r in rows], label=f"{key} CE (nats/token)")
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("loss")
+    ax.set_title(f"Larimar training: {Path(metrics_path).parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, getattr(args, "overrides", []))
+    last = train(cfg)
+    if _dist_info()[0] == 0:
+        print(json.dumps(last))
+        print(f"model saved to {Path(cfg.out_dir) / 'model'}")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Registers `larimar train`."""
+    p = sub.add_parser("train", help="train a Larimar model end to end (see configs/*.yaml)")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.set_defaults(func=_cmd_train, accepts_overrides=True)  # extra `--section.key value` pairs
