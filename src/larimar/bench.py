@@ -49,19 +49,27 @@ def _pinv_write_read(M0: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     return Z @ torch.linalg.pinv(M) @ M  # (B, N, C)
 
 
-def bench_memory(device: str = "cpu", repeats: int = 5, seed: int = 0) -> list[dict]:
+def bench_memory(
+    device: str = "cpu",
+    repeats: int = 5,
+    seed: int = 0,
+    shapes: tuple[tuple[int, int, int, int], ...] = MEMORY_SHAPES,
+    item_shape: tuple[int, int] = (512, 384),
+) -> list[dict]:
     """Times the memory on the issue's shapes; returns one row per measurement.
 
     Args:
         device: "cpu" or "cuda".
         repeats: timed runs per row (the median is reported), after one warm-up.
         seed: seed of the random episodes.
+        shapes: (K, C, N, B) rows to time.
+        item_shape: (K, C) of the sequential write / forget rows.
     """
     dev = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     rows: list[dict] = []
     with torch.no_grad():
-        for K, C, N, B in MEMORY_SHAPES:
+        for K, C, N, B in shapes:
             mem = EpisodicMemory(MemoryConfig(num_slots=K, code_size=C)).to(dev)
             Z = torch.randn(B, N, C, generator=g).to(dev)
             reps = repeats if K * N * B < 2048 * 1024 else max(1, repeats // 2)
@@ -75,17 +83,18 @@ def bench_memory(device: str = "cpu", repeats: int = 5, seed: int = 0) -> list[d
             rows.append(dict(op="write_read", K=K, C=C, N=N, B=B, solver=mem.config.solver, device=device,
                              dtype="float32", median_ms=med, pinv_median_ms=med_pinv, speedup=med_pinv / med,
                              max_rel_error=err, pinv_max_rel_error=err_pinv))
-        # sequential write and forget of one item at K = 512, C = 384, into a memory holding 64 items
-        mem = EpisodicMemory(MemoryConfig(num_slots=512, code_size=384)).to(dev)
+        # sequential write and forget of one item (K = 512, C = 384 by default) into a memory holding 64 items
+        K, C = item_shape
+        mem = EpisodicMemory(MemoryConfig(num_slots=K, code_size=C)).to(dev)
         im = ItemMemory(mem)
-        im.write(torch.randn(64, 384, generator=g).to(dev))
-        items = torch.randn(repeats * 4 + 2, 384, generator=g).to(dev)
+        im.write(torch.randn(64, C, generator=g).to(dev))
+        items = torch.randn(repeats * 4 + 2, C, generator=g).to(dev)
         ids: list[str] = []
         it = iter(range(items.shape[0]))
         t_write = _time_ms(lambda: ids.extend(im.write(items[next(it)][None])), repeats * 4, dev)
         t_forget = _time_ms(lambda: im.forget([ids.pop()]), repeats * 4, dev)
         for op, t in (("sequential_write", t_write), ("forget", t_forget)):
-            rows.append(dict(op=op, K=512, C=384, N=1, B=1, solver=mem.config.solver, device=device,
+            rows.append(dict(op=op, K=K, C=C, N=1, B=1, solver=mem.config.solver, device=device,
                              dtype="float64", median_ms=statistics.median(t), pinv_median_ms=None, speedup=None,
                              max_rel_error=None))
     return rows

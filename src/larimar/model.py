@@ -763,7 +763,8 @@ class LarimarModel(nn.Module):
             batch: episodes of E texts: ``enc_input_ids``, ``enc_attention_mask`` (B, E, Te) (encoder tokens,
                 special tokens included) and ``dec_input_ids``, ``dec_attention_mask`` (B, E, Td) (decoder tokens
                 of the same texts, right padded, without the start token: it is prepended here, so every
-                token is a target).
+                token is a target). Optional ``query_input_ids``, ``query_attention_mask`` (B, E, Tq): encoder
+                tokens of the queries that read block e back (default: the blocks themselves).
             beta: KL weight.
             write_noise_std: std of the noise added to Z when writing.
             rec_weight, ae_weight, lm_weight: weights of the three CE terms; a zero weight skips that forward.
@@ -785,9 +786,13 @@ class LarimarModel(nn.Module):
             )
         B, E = enc_ids.shape[:2]
         Z = self.encode(enc_ids.flatten(0, 1), enc_mask.flatten(0, 1)).view(B, E, -1)  # (B, E, C)
+        Zq = Z  # queries: the written items themselves (the paper), or given query texts (e.g. their prefixes)
+        if "query_input_ids" in batch:
+            q_ids, q_mask = batch["query_input_ids"], batch["query_attention_mask"]
+            Zq = self.encode(q_ids.flatten(0, 1), q_mask.flatten(0, 1)).view(B, E, -1)  # (B, E, C)
         sample = self.training if sample_read is None else sample_read
-        # write the episode and read it back at its own items (the write's low-rank fast path)
-        _, z_read, w_mean, w_std = self.memory.write_read(Z, Z, noise_std=write_noise_std, sample=sample)
+        # write the episode and read it back at the queries (the write's low-rank fast path)
+        _, z_read, w_mean, w_std = self.memory.write_read(Z, Zq, noise_std=write_noise_std, sample=sample)
         kl = self.memory.kl(w_mean, w_std)
 
         ids, mask = dec_ids.flatten(0, 1), dec_mask.flatten(0, 1).long()  # (N, Td), N = B * E

@@ -53,6 +53,9 @@ class DataConfig:
         min_tokens: shorter blocks are dropped.
         episode_size: E, blocks written together into one memory.
         shuffle_buffer: blocks held for shuffling (streaming shuffle).
+        prefix_query_prob: probability that a block is read back with a query made of a prefix of its words
+            (as an editing query is the prompt of a written fact) instead of the block itself.
+        prefix_frac: range of the fraction of words kept in a prefix query.
     """
 
     train_path: str = "../shared/data/wikipedia_en/enwiki_2018_train.jsonl"
@@ -60,6 +63,8 @@ class DataConfig:
     min_tokens: int = 8
     episode_size: int = 16
     shuffle_buffer: int = 4096
+    prefix_query_prob: float = 0.0
+    prefix_frac: list[float] = field(default_factory=lambda: [0.3, 0.8])
 
 
 @dataclass
@@ -264,11 +269,31 @@ def episode_stream(cfg: DataConfig, decoder_tokenizer: Any, seed: int) -> Iterat
         epoch += 1
 
 
-def collate(episodes: list[list[Any]], model: LarimarModel) -> dict[str, Tensor]:
-    """Episodes of E blocks -> encoder tokens (B, E, Te) and right-padded decoder tokens (B, E, Td)."""
+def prefix_queries(texts: list[str], prob: float, frac: list[float], rng: random.Random) -> list[str]:
+    """Per text, with probability `prob`, a prefix of its words (a fraction in `frac`, at least one word)."""
+    out = []
+    for t in texts:
+        words = t.split()
+        if rng.random() < prob and len(words) > 1:
+            keep = max(1, min(len(words) - 1, round(rng.uniform(*frac) * len(words))))
+            t = " ".join(words[:keep])
+        out.append(t)
+    return out
+
+
+def collate(
+    episodes: list[list[Any]], model: LarimarModel, cfg: DataConfig | None = None, rng: random.Random | None = None
+) -> dict[str, Tensor]:
+    """Episodes of E blocks -> encoder tokens (B, E, Te), right-padded decoder tokens (B, E, Td) and, when
+    ``cfg.prefix_query_prob > 0``, encoder tokens of the read queries (B, E, Tq)."""
     B, E = len(episodes), len(episodes[0])
     texts = [b.text for ep in episodes for b in ep]
     enc = model.encoder.tokenize(texts)  # (B*E, Te)
+    extra = {}
+    if cfg is not None and cfg.prefix_query_prob > 0:
+        q = model.encoder.tokenize(prefix_queries(texts, cfg.prefix_query_prob, cfg.prefix_frac, rng))
+        extra = {"query_input_ids": q["input_ids"].view(B, E, -1).to(model.device),
+                 "query_attention_mask": q["attention_mask"].view(B, E, -1).to(model.device)}
     rows = [list(b.ids)[: model.config.max_decoder_length] for ep in episodes for b in ep]
     T = max(len(r) for r in rows)
     ids = torch.full((B * E, T), model.pad_token_id, dtype=torch.long)
@@ -282,6 +307,7 @@ def collate(episodes: list[list[Any]], model: LarimarModel) -> dict[str, Tensor]
         "enc_attention_mask": enc["attention_mask"].view(B, E, -1).to(dev),
         "dec_input_ids": ids.view(B, E, T).to(dev),
         "dec_attention_mask": mask.view(B, E, T).to(dev),
+        **extra,
     }
 
 
@@ -428,6 +454,7 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     for _ in range(episodes_seen):  # resume: skip what was consumed
         next(stream)
     use_bf16 = cfg.bf16 and device.type == "cuda"
+    query_rng = random.Random(cfg.seed * 7919 + step)  # prefix-query draws (re-seeded on resume)
     metrics_f = open(out / "metrics.jsonl", "a") if is_main else None
     t_start = time.perf_counter()
     bar = tqdm(total=cfg.optim.steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
@@ -446,7 +473,7 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
                 global_eps = [next(stream) for _ in range(per_rank * world)]  # every rank reads the same stream
                 episodes = global_eps[rank * per_rank : (rank + 1) * per_rank]
                 episodes_seen += len(global_eps)
-                batch = collate(episodes, model)
+                batch = collate(episodes, model, cfg.data, query_rng)
                 step_tokens += int(batch["dec_attention_mask"].sum()) * world
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     losses = ddp_module(batch, beta)
