@@ -1,0 +1,340 @@
+"""The editing API (larimar.editing) on tiny random models: edit / ask / score / forget / save / load, bad input,
+the service engine and the edit / forget / ask / memories / chat / keys subcommands."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+from tiny_larimar import bow_embed, save_tiny_checkpoint, tiny_larimar  # noqa: E402
+
+sys.path.remove(str(FIXTURES))
+
+from larimar import cli  # noqa: E402
+from larimar.data import EditRequest  # noqa: E402
+from larimar.editing import Larimar, LarimarEngine, fact_sentence  # noqa: E402
+from larimar.scope import ScopeDetector  # noqa: E402
+
+FACT = "The capital of France is Rome."
+PROMPT = "The capital of France is"
+OTHER = "who wrote the book of music"
+
+
+def state(lm: Larimar) -> tuple:
+    return lm.memory.M.clone(), lm.memory.U.clone(), lm.memory.ids, lm.scope.ids, list(lm.facts)
+
+
+def same_state(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:]
+
+
+# -- query path -------------------------------------------------------------------------------------------------
+
+
+def test_in_scope_reads_memory_out_of_scope_is_plain_decoder():
+    lm = tiny_larimar()
+    ids = lm.edit([FACT])
+    assert len(ids) == 1 and lm.facts == [(ids[0], FACT)]
+    latents, in_scope, sims = lm.read_latent([PROMPT, OTHER])
+    assert in_scope == [True, False] and sims[0] >= 0.6 > sims[1]
+    with torch.no_grad():
+        expected = lm.memory.read(lm.model.encode_texts([PROMPT])).float()
+    torch.testing.assert_close(latents[0], expected[0])
+    assert latents[1].abs().sum() == 0  # z = 0: no memory
+    with torch.no_grad():
+        plain = lm.model.continuation_nll([OTHER, OTHER], [" rome", " paris"], None)
+        with_mem = lm.model.continuation_nll([PROMPT], [" rome"], latents[:1])
+        without = lm.model.continuation_nll([PROMPT], [" rome"], None)
+    torch.testing.assert_close(torch.tensor(lm.score(OTHER, [" rome", " paris"])), plain)
+    assert lm.score(PROMPT, [" rome"])[0] == pytest.approx(float(with_mem[0]), abs=1e-5)
+    assert abs(float(with_mem[0]) - float(without[0])) > 1e-3  # the memory changes the prediction
+    # generation: plain decoder out of scope, memory-conditioned in scope
+    plain_gen = lm.model.generate_text([OTHER], None, max_new_tokens=4)[0]
+    assert lm.generate(OTHER, max_new_tokens=4) == plain_gen
+    answers = lm.ask([PROMPT, OTHER], max_new_tokens=4)
+    assert [a.in_scope for a in answers] == [True, False] and answers[0].nearest_id == ids[0]
+
+
+def test_empty_memory_is_plain_decoder_and_no_scope_reads_everything():
+    lm = tiny_larimar()
+    latents, in_scope, _ = lm.read_latent([PROMPT])
+    assert in_scope == [False] and latents.abs().sum() == 0
+    lm = tiny_larimar(use_scope=False)
+    lm.edit([FACT])
+    _, in_scope, _ = lm.read_latent([PROMPT, OTHER])
+    assert in_scope == [True, True]
+
+
+def test_prompt_answer_scope_mode_scores_prompt_plus_candidate():
+    lm = tiny_larimar(threshold=0.9, scope_mode="prompt_answer")
+    lm.edit(["the sport of messi is tennis"])
+    prompts, conts = ["the sport of messi is"] * 2, [" tennis", " football"]
+    nll, in_scope = lm.score_batch(prompts, conts)
+    sims, _ = ScopeDetector.from_embeddings(bow_embed(["the sport of messi is tennis"]), ["x"], embed_fn=bow_embed,
+                                            mode="prompt_answer").score([p + c for p, c in zip(prompts, conts)])
+    assert in_scope == [bool(s >= 0.9) for s in sims] == [True, False]
+    _, in_scope_prompt = lm.score_batch(prompts, conts, scope_mode="prompt")
+    assert in_scope_prompt[0] == in_scope_prompt[1]  # one decision per prompt
+
+
+def test_nearest_read_mode_uses_the_nearest_fact_latent():
+    lm = tiny_larimar(read_mode="nearest")
+    ids = lm.edit([FACT, "messi plays the sport of tennis"])
+    latents, in_scope, _ = lm.read_latent([PROMPT])
+    assert in_scope == [True]
+    torch.testing.assert_close(latents[0], lm.memory.latent(ids[0]).float())
+
+
+# -- edit / forget --------------------------------------------------------------------------------------------
+
+
+def test_edit_forms_sequential_accumulation_and_exact_forget():
+    lm = tiny_larimar()
+    req = EditRequest(prompt="{} plays the sport of", subject="messi", target_new="tennis")
+    a = lm.edit([FACT])
+    b = lm.edit([req, {"prompt": "the river of {} is", "subject": "paris", "target_new": {"str": "berlin"}}])
+    assert [t for _, t in lm.facts] == [FACT, "messi plays the sport of tennis", "the river of paris is berlin"]
+    assert len(lm) == 3 and lm.scope.ids == a + b
+    lm.forget(b)
+    ref = tiny_larimar()
+    ref.edit([FACT], ids=a)
+    torch.testing.assert_close(lm.memory.M, ref.memory.M, atol=1e-10, rtol=0)  # exact forgetting
+    assert lm.scope.ids == a and [i for i, _ in lm.facts] == a
+    lm.reset()
+    assert len(lm) == 0 and len(lm.scope) == 0 and lm.memory.M.abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (["  "], ValueError, "must not be empty"),
+        ([""], ValueError, "must not be empty"),
+        ([{"prompt": "no placeholder", "subject": "x", "target_new": "y"}], ValueError, r"'\{\}'"),
+        ([EditRequest(prompt="{} and {}", subject="x", target_new="y")], ValueError, "exactly once"),
+        (["x" * 100_000], ValueError, "at most 4000"),
+        ([42], ValueError, "sentence, an EditRequest or a dict"),
+        ([{"prompt": "{} is", "subject": 3, "target_new": "y"}], ValueError, "subject"),
+        ([], ValueError, "must not be empty"),
+        ([{"foo": 1}], ValueError, "keys prompt, subject, target_new"),
+    ],
+)
+def test_bad_facts_raise_and_leave_memory_unchanged(bad, exc, match):
+    lm = tiny_larimar()
+    lm.edit([FACT], ids=["f1"])
+    before = state(lm)
+    with pytest.raises(exc, match=match):
+        lm.edit(bad)
+    assert same_state(before, state(lm))
+
+
+def test_bad_ids_prompts_and_forget_raise_cleanly():
+    lm = tiny_larimar(max_chars=50)
+    lm.edit([FACT], ids=["f1"])
+    before = state(lm)
+    with pytest.raises(ValueError, match="already in memory"):
+        lm.edit(["paris is a city"], ids=["f1"])
+    with pytest.raises(ValueError, match="unique"):
+        lm.edit(["paris is a city", "rome is a city"], ids=["a", "a"])
+    with pytest.raises(ValueError, match="1 ids for 2 facts"):
+        lm.edit(["paris is a city", "rome is a city"], ids=["a"])
+    with pytest.raises(KeyError, match="nope"):
+        lm.forget(["f1", "nope"])
+    with pytest.raises(ValueError, match="at most 50"):
+        lm.generate("x" * 51)
+    with pytest.raises(ValueError, match="must be a string"):
+        lm.score(None, [" rome"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be a string"):
+        lm.read_latent([PROMPT, 3])  # type: ignore[list-item]
+    assert same_state(before, state(lm))
+    assert fact_sentence({"text": "hello world"}) == "hello world"
+
+
+# -- save / load ----------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_and_checkpoint_mismatch(tmp_path):
+    lm = tiny_larimar()
+    lm.edit([FACT, "messi plays the sport of tennis", "the river of paris is berlin"], ids=["a", "b", "c"])
+    lm.forget(["b"])
+    lm.edit(["eiffel tower is in rome"], ids=["d"])
+    lat, scope, _ = lm.read_latent([PROMPT, "where is the eiffel tower"])
+    lm.save_memory(tmp_path / "mem")
+    manifest = json.loads((tmp_path / "mem" / "memory.json").read_text())
+    assert [(f["id"], f["order"]) for f in manifest["facts"]] == [("a", 0), ("c", 1), ("d", 2)]
+    assert manifest["facts"][0]["text"] == FACT and manifest["fingerprint"] == lm.fingerprint
+
+    other = tiny_larimar()  # same checkpoint
+    other.edit(["something else entirely"], ids=["z"])
+    other.load_memory(tmp_path / "mem")
+    assert other.facts == lm.facts and other.scope.ids == ["a", "c", "d"]
+    assert torch.equal(other.memory.M, lm.memory.M) and torch.equal(other.memory.U, lm.memory.U)
+    lat2, scope2, _ = other.read_latent([PROMPT, "where is the eiffel tower"])
+    assert scope2 == scope
+    torch.testing.assert_close(lat2, lat)
+    other.forget(["c"])  # forgetting works after a load (keys restored)
+    assert other.memory.ids == ["a", "d"]
+
+    foreign = tiny_larimar(seed=1)  # another checkpoint
+    foreign.edit(["keep me"], ids=["k"])
+    with pytest.raises(ValueError, match="another checkpoint|made with checkpoint"):
+        foreign.load_memory(tmp_path / "mem")
+    assert foreign.memory.ids == ["k"]
+    with pytest.raises(FileNotFoundError):
+        foreign.load_memory(tmp_path / "nothing")
+
+
+# -- the service engine -----------------------------------------------------------------------------------------
+
+
+def test_engine_protocol_and_service_round_trip(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from larimar.service import Engine, create_app
+    from larimar.store import MemoryStore
+
+    lm = tiny_larimar()
+    engine = LarimarEngine(lm)
+    assert isinstance(engine, Engine)
+    store = MemoryStore(tmp_path / "store", fingerprint=engine.fingerprint, memory=lm.model.memory)
+    try:
+        client = TestClient(create_app(engine, store, require_keys=False))
+        r = client.post("/v1/memories/alice/facts", json={"facts": [FACT]})
+        assert r.status_code == 201, r.text
+        fid = r.json()["ids"][0]
+        r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "memory": "alice"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["memory"]["in_scope"] is True and body["memory"]["nearest_id"] == fid
+        in_scope_text = body["choices"][0]["text"]
+        r = client.post("/v1/completions", json={"prompt": OTHER, "max_tokens": 3, "memory": "alice"})
+        assert r.json()["memory"]["in_scope"] is False
+        assert r.json()["choices"][0]["text"] == lm.model.generate_text([OTHER], None, max_new_tokens=3)[0]
+        # the engine answers like the editor with the same fact
+        lm2 = tiny_larimar()
+        lm2.edit([FACT])
+        assert in_scope_text == lm2.generate(PROMPT, max_new_tokens=3)
+        assert client.delete(f"/v1/memories/alice/facts/{fid}").status_code == 200
+        r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "memory": "alice"})
+        assert r.json()["memory"]["in_scope"] is False
+    finally:
+        store.close()
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_edit_list_ask_forget_export_import(tmp_path, capsys, checkpoint):
+    common = ["--checkpoint", str(checkpoint), "--scope-encoder", "larimar", "--store", str(tmp_path / "s")]
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"prompt": "{} plays the sport of", "subject": "messi", "target_new": "tennis"})
+                     + "\n" + json.dumps("the river of paris is berlin") + "\n")
+    code, out, err = run_cli(capsys, "edit", FACT, "--file", str(facts), "--json", *common)
+    assert code == 0, err
+    ids = json.loads(out)["ids"]
+    assert len(ids) == 3 and json.loads(out)["size"] == 3
+
+    code, out, _ = run_cli(capsys, "memories", "list", "--json", "--store", str(tmp_path / "s"))
+    assert code == 0 and [f["text"] for f in json.loads(out)["facts"]][1] == "messi plays the sport of tennis"
+    code, out, _ = run_cli(capsys, "memories", "show", ids[0], "--json", "--store", str(tmp_path / "s"))
+    assert code == 0 and json.loads(out)["text"] == FACT
+
+    code, out, err = run_cli(capsys, "ask", PROMPT, "--json", "--max-tokens", "3", "--scope-threshold", "-1", *common)
+    assert code == 0, err
+    ans = json.loads(out)
+    assert ans["in_scope"] is True and ans["nearest_id"] in ids and isinstance(ans["text"], str)
+
+    code, out, err = run_cli(capsys, "memories", "export", str(tmp_path / "exp"), "--json", *common)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "forget", ids[1], "--json", *common)
+    assert code == 0 and json.loads(out)["size"] == 2
+    code, out, err = run_cli(capsys, "memories", "import", str(tmp_path / "exp"), "--namespace", "copy", "--json",
+                             *common)
+    assert code == 0, err
+    assert json.loads(out)["ids"] == ids
+
+    # user errors: exit code 2, one line, no traceback
+    for argv in (["forget", "nope", *common], ["edit", "  ", *common], ["memories", "show", "nope", "--store",
+                                                                          str(tmp_path / "s")],
+                 ["ask", PROMPT, "--checkpoint", str(tmp_path / "missing"), "--store", str(tmp_path / "s")],
+                 ["edit", FACT, "--namespace", "bad name!", *common]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2, argv
+        assert err.startswith("larimar: error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_chat_and_keys(tmp_path, capsys, checkpoint, monkeypatch):
+    common = ["--checkpoint", str(checkpoint), "--scope-encoder", "larimar", "--store", str(tmp_path / "s")]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/edit {FACT}\n/list\n{PROMPT}\n/forget nope\n/bogus\n/quit\n"))
+    code, out, err = run_cli(capsys, "chat", "--max-tokens", "2", "--scope-threshold", "-1", *common)
+    assert code == 0, err
+    lines = out.replace("> ", "").splitlines()
+    assert lines[0].startswith("written ") and FACT in lines[1]
+    assert "[memory:" in out and "error:" in out and "unknown command" in out
+
+    code, out, err = run_cli(capsys, "keys", "add", "ci", "--namespace", "default", "--rights", "write", "--json",
+                             *common)
+    assert code == 0, err
+    assert json.loads(out)["token"].startswith("lmk_")
+    code, out, _ = run_cli(capsys, "keys", "list", "--json", "--store", str(tmp_path / "s"))
+    assert json.loads(out)[0]["name"] == "ci" and json.loads(out)[0]["rights"] == "write"
+    code, _, err = run_cli(capsys, "keys", "add", "ci", *common)
+    assert code == 2 and "already exists" in err
+
+
+# -- real backbones (untrained conditioning) ------------------------------------------------------------------------
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.slow
+def test_real_backbones_scope_and_counterfact_smoke():
+    from larimar.backbones import BackboneNotFoundError, load_decoder, load_encoder
+    from larimar.data import load_counterfact
+    from larimar.evaluation import LarimarEditor, evaluate_counterfact
+    from larimar.model import LarimarConfig, LarimarModel
+
+    path = DATA / "counterfact_rome" / "counterfact_rome_929.json"
+    if not path.is_file():
+        pytest.skip("shared data not found")
+    try:
+        enc, dec = load_encoder(), load_decoder()
+    except BackboneNotFoundError as err:
+        pytest.skip(str(err))
+    model = LarimarModel.from_backbones(LarimarConfig(decoder_start_token="<|endoftext|>"), *enc, *dec)
+    lm = Larimar(model)  # MiniLM scope detector, threshold 0.6, per-sentence prompt scoring
+    lm.edit(["Laurent Cars was employed in Philadelphia"])
+    queries = ["Hybrid vehicles. Laurent Cars found employment in", "Victor Hugo was employed in"]
+    _, in_scope, _ = lm.read_latent(queries)
+    assert in_scope == [True, False]
+    s = evaluate_counterfact(LarimarEditor(lm), load_counterfact(path, limit=1).records, gen_tokens=0)
+    assert s["n_cases"] == 1 and s["scope_rate_rewrite"] == 100.0 and len(lm) == 0
+
+
+def test_cli_serve_wires_the_real_engine(tmp_path, capsys, checkpoint, monkeypatch):
+    import larimar.service
+
+    seen = {}
+    monkeypatch.setattr(larimar.service, "serve", lambda **kw: seen.update(kw))
+    code, _, err = run_cli(capsys, "serve", "--port", "8123", "--checkpoint", str(checkpoint), "--scope-encoder",
+                           "larimar", "--store", str(tmp_path / "s"))
+    assert code == 0, err
+    assert isinstance(seen["engine"], LarimarEngine) and seen["port"] == 8123 and seen["require_keys"] is True
+    assert seen["store_path"] == str(tmp_path / "s")

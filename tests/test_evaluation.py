@@ -1,0 +1,259 @@
+"""Knowledge-editing and reconstruction evaluation (larimar.evaluation) on tiny random models and fixtures."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+from tiny_larimar import WORDS, backbones, save_tiny_checkpoint, tiny_larimar, tiny_model  # noqa: E402
+
+sys.path.remove(str(FIXTURES))
+
+from larimar import cli  # noqa: E402
+from larimar.data import load_counterfact, load_zsre  # noqa: E402
+from larimar.evaluation import (  # noqa: E402
+    SUMMARY_KEYS,
+    Editor,
+    LarimarEditor,
+    NoEditEditor,
+    aggregate_prob,
+    case_prob_metrics,
+    evaluate_counterfact,
+    evaluate_reconstruction,
+    evaluate_zsre,
+    harmonic_mean,
+    teacher_forced,
+    write_outputs,
+)
+
+CF = FIXTURES / "cf_tiny.json"
+ZSRE = FIXTURES / "zsre_tiny.json"
+
+
+# -- metrics on hand-made NLLs --------------------------------------------------------------------------------
+
+
+def test_case_prob_metrics_exact_values():
+    kinds = ["rewrite", "paraphrase", "paraphrase", "neighborhood", "neighborhood", "neighborhood", "neighborhood"]
+    new = [1.0, 2.0, 3.0, 1.0, 2.0, 5.0, 4.0]
+    true = [2.0, 1.0, 4.0, 2.0, 1.0, 3.0, 3.0]
+    m = case_prob_metrics(new, true, kinds)
+    assert m["es"] == 1.0  # 1 < 2
+    assert m["ps"] == 0.5  # 2 > 1 fails, 3 < 4 succeeds
+    assert m["ns"] == 0.75  # true < new for 3 of the 4 neighbours
+    assert m["em"] == pytest.approx(math.exp(-1) - math.exp(-2))
+    assert m["pm"] == pytest.approx(((math.exp(-2) - math.exp(-1)) + (math.exp(-3) - math.exp(-4))) / 2)
+    nm = ((math.exp(-2) - math.exp(-1)) + (math.exp(-1) - math.exp(-2)) + (math.exp(-3) - math.exp(-5))
+          + (math.exp(-3) - math.exp(-4))) / 4
+    assert m["nm"] == pytest.approx(nm)
+    assert case_prob_metrics([1.0], [2.0], ["rewrite"])["ps"] is None
+    with pytest.raises(ValueError):
+        case_prob_metrics([1.0], [2.0, 3.0], ["rewrite"])
+
+
+def test_aggregate_is_mean_over_records_and_score_harmonic_mean():
+    cases = [
+        {"es": 1.0, "ps": 0.5, "ns": 1.0, "em": 0.2, "pm": 0.0, "nm": 0.1},
+        {"es": 0.0, "ps": 1.0, "ns": 0.5, "em": -0.1, "pm": 0.1, "nm": 0.3},
+    ]
+    s = aggregate_prob(cases)
+    assert (s["es"], s["ps"], s["ns"]) == (50.0, 75.0, 75.0)
+    assert s["em"] == pytest.approx(5.0) and s["pm"] == pytest.approx(5.0) and s["nm"] == pytest.approx(20.0)
+    assert s["score"] == pytest.approx(3 / (1 / 50 + 1 / 75 + 1 / 75))
+    assert harmonic_mean([100.0, 0.0, 50.0]) == 0.0
+    assert harmonic_mean([80.0, None, 50.0]) is None
+    assert harmonic_mean([60.0, 60.0, 60.0]) == pytest.approx(60.0)
+
+
+# -- scoring -----------------------------------------------------------------------------------------------------
+
+
+def test_teacher_forced_matches_continuation_nll():
+    model = tiny_model()
+    prompts = ["the capital of france is", "lionel messi plays the sport of", "hello"]
+    conts = [" rome", " tennis football", " world ."]
+    latent = torch.randn(3, model.config.latent_size, generator=torch.Generator().manual_seed(0))
+    latent[1] = 0
+    with torch.no_grad():
+        ref = model.continuation_nll(prompts, conts, latent)
+        tf = teacher_forced(lambda i, m: model.decode_logits(i, m, latent), model.decoder_tokenizer,
+                            model.start_token_id, model.pad_token_id, prompts, conts)
+    torch.testing.assert_close(tf.nll, ref, atol=1e-5, rtol=1e-5)
+    assert [len(t) for t in tf.target] == [1, 2, 2] and [len(p) for p in tf.predicted] == [1, 2, 2]
+    tok = model.decoder_tokenizer
+    assert tf.target[1] == tok(" tennis football", add_special_tokens=False)["input_ids"]
+
+
+# -- end to end on the fixtures ------------------------------------------------------------------------------------
+
+
+def test_counterfact_end_to_end_tiny(tmp_path):
+    records = load_counterfact(CF).records
+    assert len(records) == 3
+    lm = tiny_larimar()
+    larimar, none = LarimarEditor(lm), NoEditEditor(lm.model)
+    assert isinstance(larimar, Editor) and isinstance(none, Editor)
+    s_l = evaluate_counterfact(larimar, records, gen_tokens=3)
+    s_n = evaluate_counterfact(none, records, gen_tokens=3)
+    assert len(lm) == 0  # the harness leaves the memory empty
+    for s in (s_l, s_n):
+        assert set(SUMMARY_KEYS) <= set(s) and s["n_cases"] == 3
+        for k in ("es", "ps", "ns", "score"):
+            assert 0.0 <= s[k] <= 100.0
+    c0 = s_l["cases"][0]
+    assert [p["kind"] for p in c0["prompts"]] == ["rewrite"] + ["paraphrase"] * 2 + ["neighborhood"] * 3
+    assert c0["prompts"][0]["in_scope"] is True  # the rewrite prompt is the fact minus its object
+    # NS with memory: neighbourhood prompts out of scope decode like the unedited model, with the same verdict
+    none_rows = {p["prompt"]: p for p in s_n["cases"][0]["prompts"]}
+    for p in c0["prompts"]:
+        if not p["in_scope"]:
+            assert p["nll_new"] == pytest.approx(none_rows[p["prompt"]]["nll_new"], abs=1e-5)
+            assert p["success"] == none_rows[p["prompt"]]["success"]
+    # the unedited model: pre == post generation; ES = % of records where new already beats true
+    assert all(c["pre_generation"] == c["post_generation"] for c in s_n["cases"])
+    es = 100.0 * sum(c["prompts"][0]["nll_new"] < c["prompts"][0]["nll_true"] for c in s_n["cases"]) / 3
+    assert s_n["es"] == pytest.approx(es)
+    assert s_l["query_ms_median"] > 0 and s_l["plain_query_ms_median"] > 0 and s_l["edit_ms_median"] > 0
+
+    meta = {"task": "counterfact", "data": str(CF), "checkpoint": "tiny", "scope_threshold": 0.6,
+            "scope_mode": "prompt", "date": "today", "machine": "test"}
+    write_outputs(tmp_path, [s_l, s_n], meta)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [o["method"] for o in summary] == ["larimar", "none"] and "cases" not in summary[0]
+    assert set(SUMMARY_KEYS) | {"scope_threshold", "checkpoint", "data", "date", "machine"} <= set(summary[0])
+    lines = (tmp_path / "cases.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and json.loads(lines[0])["case_id"] == 1
+    assert "| larimar | counterfact_prob | 3 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_memory_without_scope_changes_neighbourhood_verdicts_and_scope_rates():
+    records = load_counterfact(CF).records
+    lm = tiny_larimar(use_scope=False)
+    s = evaluate_counterfact(LarimarEditor(lm), records, gen_tokens=0)
+    assert s["scope_rate_neighborhood"] == 100.0 and s["scope_rate_rewrite"] == 100.0
+    s2 = evaluate_counterfact(LarimarEditor(tiny_larimar(threshold=2.0)), records, gen_tokens=0)  # never in scope
+    s3 = evaluate_counterfact(NoEditEditor(tiny_model()), records, gen_tokens=0)
+    assert s2["scope_rate_rewrite"] == 0.0
+    for k in ("es", "ps", "ns", "em"):  # nothing in scope: exactly the unedited model
+        assert s2[k] == pytest.approx(s3[k], abs=1e-6)
+
+
+def test_zsre_token_acc_end_to_end():
+    records = load_zsre(ZSRE).records
+    lm = tiny_larimar()
+    s = evaluate_zsre(LarimarEditor(lm), records, gen_tokens=4)
+    s_n = evaluate_zsre(NoEditEditor(lm.model), records, gen_tokens=4)
+    assert s["protocol"] == "token_acc" and s["n_cases"] == 3
+    for key in ("reliability", "generalization", "locality", "exact_match", "es", "ps", "ns", "score"):
+        assert 0.0 <= s[key] <= 100.0
+    assert s_n["locality"] == 100.0  # unedited: post-edit predictions are the pre-edit ones
+    case = s["cases"][0]
+    assert [p["kind"] for p in case["prompts"]] == ["rewrite", "paraphrase", "neighborhood"]
+    assert s["es"] == s["reliability"] and s["ns"] == s["locality"]
+
+
+def test_hf_baseline_adapter_restores_after_each_record():
+    pytest.importorskip("larimar.baselines")
+    from larimar.baselines import load_hparams
+    from larimar.evaluation import HFBaselineEditor
+
+    _, _, dec, dtok = backbones(0)
+    hp = load_hparams("ft", FIXTURES.parent.parent / "configs" / "baselines" / "ft_tiny-test.yaml", {"layer": 1})
+    editor = HFBaselineEditor("ft", dec, dtok, hp, start_token_id=dtok.eos_token_id)
+    before = {k: v.clone() for k, v in dec.state_dict().items()}
+    req = load_counterfact(CF).records[0]
+    p, new = req.full_prompt, " " + req.target_new
+    nll0 = float(editor.score([p], [new])[0])
+    editor.edit([req])
+    assert float(editor.score([p], [new])[0]) < nll0  # fine-tuned towards target_new
+    editor.reset()
+    assert all(torch.equal(v, before[k]) for k, v in dec.state_dict().items())
+    assert float(editor.score([p], [new])[0]) == pytest.approx(nll0, abs=1e-6)
+    s = evaluate_counterfact(editor, load_counterfact(CF).records, gen_tokens=2)
+    assert s["n_cases"] == 3 and all(torch.equal(v, before[k]) for k, v in dec.state_dict().items())
+
+
+# -- reconstruction -------------------------------------------------------------------------------------------------
+
+
+def _paragraphs(n: int) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    words = [w for w in WORDS if w.isalpha()]
+    return [" ".join(words[int(i)] for i in torch.randint(len(words), (30,), generator=g)) for _ in range(n)]
+
+
+def test_reconstruction_metrics(tmp_path):
+    model = tiny_model()
+    wiki = tmp_path / "wiki.valid.tokens"
+    wiki.write_text("\n".join(_paragraphs(10)) + "\n")
+    _, _, dec, _ = backbones(0)
+    s = evaluate_reconstruction(model, _paragraphs(40), n_blocks=8, episode_size=4, block_tokens=16,
+                                wikitext_path=wiki, wikitext_tokens=100, wikitext_window=32, base_decoder=(dec, None))
+    assert s["n_blocks"] == 8 and s["wikitext_tokens"] == 100
+    for k in ("nll_ae", "nll_memory", "nll_no_memory"):
+        assert s[k] > 0
+    for k in ("acc_ae", "acc_memory", "acc_no_memory"):
+        assert 0.0 <= s[k] <= 100.0
+    # the decoder is frozen here, so z = 0 is exactly the untouched decoder
+    assert s["wikitext_ppl"] == pytest.approx(s["wikitext_ppl_base"], rel=1e-4)
+    assert s["nll_memory"] != s["nll_no_memory"]
+
+
+# -- command line ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def test_cli_eval_counterfact_and_zsre(tmp_path, capsys, checkpoint):
+    out = tmp_path / "cf"
+    code = cli.main(["eval", "counterfact", "--data", str(CF), "--checkpoint", str(checkpoint), "--methods",
+                     "larimar,none", "--out", str(out), "--scope-encoder", "larimar", "--gen-tokens", "2",
+                     "--limit", "2"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["method"] for s in summary] == ["larimar", "none"]
+    for s in summary:
+        assert set(SUMMARY_KEYS) <= set(s) and s["n_cases"] == 2 and s["checkpoint"] == str(checkpoint)
+        assert s["protocol"] == "counterfact_prob" and s["scope_threshold"] == 0.6
+    assert len((out / "cases.jsonl").read_text().splitlines()) == 4
+    assert (out / "summary.md").is_file()
+
+    out = tmp_path / "zsre"
+    code = cli.main(["eval", "zsre", "--data", str(ZSRE), "--checkpoint", str(checkpoint), "--method", "none",
+                     "--out", str(out), "--scope-encoder", "larimar", "--gen-tokens", "0"])
+    assert code == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())[0]
+    assert s["protocol"] == "token_acc" and s["locality"] == 100.0 and "exact_match" in s
+
+    code = cli.main(["eval", "counterfact", "--data", str(CF), "--checkpoint", str(checkpoint), "--method", "bogus",
+                     "--out", str(tmp_path / "x"), "--scope-encoder", "larimar"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown method 'bogus'" in err
+
+
+def test_cli_eval_reconstruct(tmp_path, capsys, checkpoint):
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "title": "t", "text": p}) + "\n"
+                            for i, p in enumerate(_paragraphs(40))))
+    wiki = tmp_path / "wiki.valid.tokens"
+    wiki.write_text("\n".join(_paragraphs(10)) + "\n")
+    out = tmp_path / "rec"
+    code = cli.main(["eval", "reconstruct", "--data", str(data), "--limit", "16", "--episode-size", "8",
+                     "--checkpoint", str(checkpoint), "--out", str(out), "--wikitext", str(wiki),
+                     "--wikitext-tokens", "64", "--wikitext-window", "32"])
+    assert code == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    for k in ("nll_ae", "nll_memory", "nll_no_memory", "acc_ae", "acc_memory", "acc_no_memory", "wikitext_ppl",
+              "wikitext_ppl_base", "n_blocks"):
+        assert s[k] is not None, k
+    assert s["n_blocks"] == 16
