@@ -73,6 +73,7 @@ def _optional_registrars() -> list[Callable[[argparse._SubParsersAction], None]]
     for mod, fn in (
         ("larimar.training", "add_cli"),
         ("larimar.evaluation", "add_cli"),
+        ("larimar.capabilities", "add_cli"),
         ("larimar.editing", "add_cli"),
         ("larimar.service", "add_cli"),
     ):

@@ -289,6 +289,22 @@ def _with_mode(scope: ScopeDetector, mode: str) -> ScopeDetector:
     return view
 
 
+
+def cached_plain_nll(
+    model: LarimarModel, prompts: list[str], continuations: list[str], cache: dict[tuple[str, str], float]
+) -> Tensor:
+    """NLL (B,) of continuations after prompts with the plain decoder (z = 0), memoised in ``cache``.
+
+    z = 0 is exactly the untouched decoder, so these scores do not depend on the memory; an evaluation that
+    scores the same prompts with and without memory computes them once.
+    """
+    missing = [k for k in dict.fromkeys(zip(prompts, continuations)) if k not in cache]
+    if missing:
+        with torch.inference_mode():
+            out = model.continuation_nll([p for p, _ in missing], [c for _, c in missing], None).float().cpu()
+        cache.update(zip(missing, out.tolist()))
+    return torch.tensor([cache[k] for k in zip(prompts, continuations)], dtype=torch.float32)
+
 class Larimar:
     """A Larimar model with one editable memory and a scope detector.
 
@@ -538,7 +554,11 @@ class Larimar:
 
     @torch.inference_mode()
     def score_batch(
-        self, prompts: Sequence[str], continuations: Sequence[str], scope_mode: str | None = None
+        self,
+        prompts: Sequence[str],
+        continuations: Sequence[str],
+        scope_mode: str | None = None,
+        plain_cache: dict[tuple[str, str], float] | None = None,
     ) -> tuple[Tensor, list[bool]]:
         """Mean per-token NLL (B,) of ``continuations[i]`` after ``prompts[i]``, and the scope decisions.
 
@@ -546,6 +566,8 @@ class Larimar:
             prompts: B prompts.
             continuations: B continuations (with their leading space, e.g. " Rome").
             scope_mode: "prompt" or "prompt_answer" (default: this editor's ``scope_mode``).
+            plain_cache: optional (prompt, continuation) -> NLL of the plain decoder (z = 0), shared with other
+                scorers of the same untouched decoder: out-of-scope rows are looked up there or added to it.
         """
         mode = self.scope_mode if scope_mode is None else scope_mode
         if mode not in SCOPE_MODES:
@@ -563,8 +585,17 @@ class Larimar:
         else:
             r = self.route([p + c for p, c in zip(prompts, conts)], scope_mode="prompt_answer", encode=prompts)
             latents, in_scope = r.latents, r.in_scope
-        nll = self.model.continuation_nll(prompts, conts, latents.to(self.model.device))  # (B,)
-        return nll.float().cpu(), in_scope
+        if plain_cache is None:
+            nll = self.model.continuation_nll(prompts, conts, latents.to(self.model.device))  # (B,)
+            return nll.float().cpu(), in_scope
+        nll = torch.empty(len(prompts))
+        plain = [i for i in range(len(prompts)) if not bool(latents[i].any())]  # z = 0: the untouched decoder
+        mem = [i for i in range(len(prompts)) if bool(latents[i].any())]
+        nll[plain] = cached_plain_nll(self.model, [prompts[i] for i in plain], [conts[i] for i in plain], plain_cache)
+        if mem:
+            lat = latents[mem].to(self.model.device)
+            nll[mem] = self.model.continuation_nll([prompts[i] for i in mem], [conts[i] for i in mem], lat).float().cpu()
+        return nll, in_scope
 
     def score(self, prompt: str, candidates: Sequence[str], scope_mode: str | None = None) -> list[float]:
         """Mean per-token NLL of each candidate after ``prompt`` (lower = more likely)."""

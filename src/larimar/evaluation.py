@@ -191,9 +191,10 @@ class LarimarEditor:
         name: the method name in the outputs.
     """
 
-    def __init__(self, lm: Any, name: str = "larimar") -> None:
+    def __init__(self, lm: Any, name: str = "larimar", plain_cache: dict | None = None) -> None:
         self.lm = lm
         self.name = name
+        self.plain_cache = plain_cache  # shared z = 0 scores (see `editing.cached_plain_nll`)
         self.last_in_scope: list[bool] | None = None
 
     def reset(self) -> None:
@@ -203,7 +204,7 @@ class LarimarEditor:
         self.lm.edit(list(requests))
 
     def score(self, prompts: list[str], continuations: list[str]) -> Tensor:
-        nll, self.last_in_scope = self.lm.score_batch(prompts, continuations)
+        nll, self.last_in_scope = self.lm.score_batch(prompts, continuations, plain_cache=self.plain_cache)
         return nll
 
     def score_plain(self, prompts: list[str], continuations: list[str]) -> Tensor:
@@ -228,9 +229,10 @@ class LarimarEditor:
 class NoEditEditor:
     """The unedited model: `LarimarModel` decoding with z = 0 everywhere (edits are ignored)."""
 
-    def __init__(self, model: Any, name: str = "none") -> None:
+    def __init__(self, model: Any, name: str = "none", plain_cache: dict | None = None) -> None:
         self.model = model
         self.name = name
+        self.plain_cache = plain_cache
         self.last_in_scope: list[bool] | None = None
 
     def reset(self) -> None:
@@ -241,9 +243,15 @@ class NoEditEditor:
 
     @torch.inference_mode()
     def score(self, prompts: list[str], continuations: list[str]) -> Tensor:
+        if self.plain_cache is not None:
+            from larimar.editing import cached_plain_nll
+
+            return cached_plain_nll(self.model, list(prompts), list(continuations), self.plain_cache)
         return self.model.continuation_nll(list(prompts), list(continuations), None).float().cpu()
 
-    score_plain = score
+    @torch.inference_mode()
+    def score_plain(self, prompts: list[str], continuations: list[str]) -> Tensor:
+        return self.model.continuation_nll(list(prompts), list(continuations), None).float().cpu()
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -767,11 +775,12 @@ def build_editors(
     editors: list[Editor] = []
     hf: Any = None
     hparams = hparams or {}
+    plain_cache: dict[tuple[str, str], float] = {}  # z = 0 scores, shared: the decoder backbone stays untouched
     for name in methods:
         if name == "larimar":
-            editors.append(LarimarEditor(lm))
+            editors.append(LarimarEditor(lm, plain_cache=plain_cache))
         elif name == "none":
-            editors.append(NoEditEditor(lm.model))
+            editors.append(NoEditEditor(lm.model, plain_cache=plain_cache))
         else:
             try:
                 from larimar.baselines import METHODS

@@ -525,6 +525,10 @@ class LarimarConfig:
             raise KeyError(f"unknown LarimarConfig keys {unknown}; expected a subset of {sorted(known)}")
         d = dict(d)
         if isinstance(d.get("memory"), dict):
+            names = {f.name for f in fields(MemoryConfig)}
+            bad = sorted(set(d["memory"]) - names)
+            if bad:
+                raise KeyError(f"unknown MemoryConfig keys {bad}; expected a subset of {sorted(names)}")
             d["memory"] = MemoryConfig(**d["memory"])
         return cls(**d)
 

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -179,9 +180,24 @@ def _dataclass_from(cls: type, d: dict[str, Any], where: str) -> Any:
     return cls(**d)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (``1e-3``), as YAML 1.2 and Python do."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def _coerce(value: str) -> Any:
     """A command-line override value parsed as YAML (numbers, booleans, null, lists)."""
-    return yaml.safe_load(value)
+    return _yaml_load(value)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -197,7 +213,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} not found")
-        d = yaml.safe_load(p.read_text()) or {}
+        d = _yaml_load(p.read_text()) or {}
     overrides = overrides or []
     if len(overrides) % 2:
         raise ValueError(f"overrides come in pairs `--section.key value`, got {overrides}")
@@ -206,8 +222,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ValueError(f"override {key!r} must look like --section.key")
         parts = key[2:].replace("-", "_").split(".")
         node = d
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise KeyError(f"override {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = node[part]
         node[parts[-1]] = _coerce(value)
     return TrainConfig.from_dict(d)
 
@@ -344,6 +364,10 @@ def save_checkpoint(folder: Path, model: LarimarModel, opt: torch.optim.Optimize
     opt_t, opt_s = _optimizer_tensors(opt)
     save_file(opt_t, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**meta, "optimizer_scalars": opt_s}, indent=2))
+    rng = {"cpu": torch.get_rng_state()}
+    if model.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(model.device)
+    save_file(rng, str(tmp / "rng.safetensors"))
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         os.replace(folder, old)
@@ -436,6 +460,11 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
         model.load_state_dict(weights, strict=False)
         _load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), state.pop("optimizer_scalars"))
         step, tokens_seen, episodes_seen = state["step"], state["tokens_seen"], state["episodes_seen"]
+        if (ckpt / "rng.safetensors").exists():  # the sampled read and write noise go on as without a stop
+            rng = load_file(str(ckpt / "rng.safetensors"))
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], device)
         logger.info("resumed from %s at step %d", ckpt, step)
 
     ddp_module: nn.Module = _LossModule(model, cfg.loss)
@@ -454,7 +483,6 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     for _ in range(episodes_seen):  # resume: skip what was consumed
         next(stream)
     use_bf16 = cfg.bf16 and device.type == "cuda"
-    query_rng = random.Random(cfg.seed * 7919 + step)  # prefix-query draws (re-seeded on resume)
     metrics_f = open(out / "metrics.jsonl", "a") if is_main else None
     t_start = time.perf_counter()
     bar = tqdm(total=cfg.optim.steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
@@ -467,6 +495,7 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * f
             opt.zero_grad(set_to_none=True)
+            query_rng = random.Random(f"{cfg.seed}:{step}")  # this step's prefix-query draws, the same after a resume
             sums = {"loss": 0.0, "rec": 0.0, "ae": 0.0, "kl": 0.0, "lm": 0.0}
             step_tokens = 0
             for _ in range(cfg.optim.grad_accum):
@@ -474,12 +503,18 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
                 episodes = global_eps[rank * per_rank : (rank + 1) * per_rank]
                 episodes_seen += len(global_eps)
                 batch = collate(episodes, model, cfg.data, query_rng)
-                step_tokens += int(batch["dec_attention_mask"].sum()) * world
+                step_tokens += int(batch["dec_attention_mask"].sum())
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     losses = ddp_module(batch, beta)
                 (losses["loss"] / cfg.optim.grad_accum).backward()
                 for k in sums:
                     sums[k] += float(losses[k].detach()) / cfg.optim.grad_accum
+            if world > 1:  # metrics of the global batch: mean of the ranks' losses, sum of their tokens
+                keys = list(sums)
+                red = torch.tensor([*(sums[k] for k in keys), step_tokens], dtype=torch.float64, device=device)
+                dist.all_reduce(red)
+                sums = {k: float(v) / world for k, v in zip(keys, red[:-1].tolist())}
+                step_tokens = int(red[-1].item())
             grad_norm = torch.nn.utils.clip_grad_norm_(new_params + old_params, cfg.optim.max_grad_norm)
             opt.step()
             step += 1
