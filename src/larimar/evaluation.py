@@ -42,6 +42,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -304,10 +305,22 @@ class HFBaselineEditor:
         while self._handles:  # undo in reverse order, exactly
             self._handles.pop()()
 
+    def _in_scoring_context(self, requests: list[EditRequest]) -> list[EditRequest]:
+        """Requests whose templates start with the start token that scoring prepends, so that weight editors
+        compute their keys in the context they are scored in (GRACE's keys match only there). IKE builds text
+        prompts and gets the requests unchanged."""
+        if self.start_token_id is None or self.method == "ike":
+            return requests
+        start = self.tok.convert_ids_to_tokens(self.start_token_id)
+        if self.tok(start, add_special_tokens=False)["input_ids"] != [self.start_token_id]:
+            return requests  # the start token has no text form that tokenizes back to it
+        return [dataclasses.replace(r, prompt=start + r.prompt) for r in requests]
+
     def edit(self, requests: list[EditRequest]) -> None:
         from larimar.baselines import METHODS
 
-        self.model, handle = METHODS[self.method](self.model, self.tok, list(requests), self.hparams)
+        requests = self._in_scoring_context(list(requests))
+        self.model, handle = METHODS[self.method](self.model, self.tok, requests, self.hparams)
         self._handles.append(handle)
         self.model.eval()
 
