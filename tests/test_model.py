@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+import sys
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
-from larimar.memory import MemoryConfig
-from larimar.model import LarimarConfig, LarimarModel, LatentEncoder
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+import tiny_larimar as tiny  # noqa: E402
 
-C = 16
-WORDS = (
-    "the capital of france is rome paris berlin germany italy city river a an in on was born plays "
-    "language speaks english french madrid spain london tower"
-).split()
+sys.path.remove(str(FIXTURES))
+
+from larimar.memory import MemoryConfig  # noqa: E402
+from larimar.model import LarimarConfig, LarimarModel, LatentEncoder  # noqa: E402
+
+C = tiny.C
 TEXTS = [
     "the capital of france is rome",
     "paris is a city in france",
@@ -26,65 +29,10 @@ TEXTS = [
     "madrid is in spain",
     "he speaks french",
 ]
-
-
-def encoder_tokenizer() -> PreTrainedTokenizerFast:
-    """A tiny WordPiece tokenizer that adds [CLS] ... [SEP] like BERT's."""
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-
-
-def decoder_tokenizer() -> PreTrainedTokenizerFast:
-    """A tiny word-level tokenizer with an EOS and a PAD token and no BOS (like SmolLM2's: no BOS added)."""
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-
-
-def backbones(family: str = "llama", seed: int = 0, tie: bool = False):
-    """Deterministic tiny (encoder, enc_tok, decoder, dec_tok): the same seed gives the same 'pretrained' weights."""
-    torch.manual_seed(seed)
-    etok, dtok = encoder_tokenizer(), decoder_tokenizer()
-    enc = AutoModel.from_config(
-        BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            vocab_size=len(etok), max_position_embeddings=64, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    ).eval()
-    if family == "llama":
-        cfg = LlamaConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, vocab_size=len(dtok), max_position_embeddings=64, tie_word_embeddings=tie,
-            bos_token_id=None, eos_token_id=1, pad_token_id=0,
-        )
-    else:
-        cfg = GPT2Config(
-            n_embd=32, n_layer=2, n_head=4, vocab_size=len(dtok), n_positions=64, resid_pdrop=0.0,
-            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
-        )
-    dec = AutoModelForCausalLM.from_config(cfg).eval()
-    return enc, etok, dec, dtok
-
-
-def tiny_config(**kw) -> LarimarConfig:
-    base = dict(latent_size=C, memory=MemoryConfig(num_slots=8, code_size=C), max_encoder_length=16,
-                max_decoder_length=16, decoder_training="frozen", train_encoder=False)
-    base.update(kw)
-    return LarimarConfig(**base)
-
-
-def tiny_model(family: str = "llama", tie: bool = False, **kw) -> LarimarModel:
-    return LarimarModel.from_backbones(tiny_config(**kw), *backbones(family, tie=tie)).eval()
+# the MODEL setup: small case-sensitive vocabulary, 16-token inputs; no redrawn latent projection
+backbones = partial(tiny.backbones, setup=tiny.MODEL)
+tiny_config = partial(tiny.tiny_config, setup=tiny.MODEL)
+tiny_model = partial(tiny.tiny_model, setup=tiny.MODEL, visible_latent=False)
 
 
 def episode_batch(model: LarimarModel, B: int = 2, E: int = 3) -> dict[str, torch.Tensor]:
@@ -152,7 +100,7 @@ def test_trainable_parameters_per_mode():
     lora = _trainable(tiny_model(decoder_training="lora", train_encoder=False)) - frozen
     assert lora and all(".lora_A" in n or ".lora_B" in n for n in lora)
     assert {n.split(".")[-2] for n in lora} == {"q_proj", "v_proj"}
-    assert any("c_attn.lora_A" in n for n in _trainable(tiny_model("gpt2", decoder_training="lora")))
+    assert any("c_attn.lora_A" in n for n in _trainable(tiny_model(family="gpt2", decoder_training="lora")))
     full = _trainable(tiny_model(decoder_training="full", train_encoder=True))
     assert any(n.startswith("decoder.model.") for n in full)
     assert any(n.startswith("encoder.model.") for n in full)
@@ -306,7 +254,7 @@ def _perturb(model: LarimarModel) -> None:
      ("lora", False, "gpt2", False)],
 )
 def test_save_load_round_trip(tmp_path, mode, train_encoder, family, tie):
-    model = tiny_model(family, tie=tie, decoder_training=mode, train_encoder=train_encoder)
+    model = tiny_model(family=family, tie=tie, decoder_training=mode, train_encoder=train_encoder)
     _perturb(model)
     model.save_pretrained(tmp_path)
     saved = load_file(str(tmp_path / "model.safetensors"))
@@ -316,7 +264,7 @@ def test_save_load_round_trip(tmp_path, mode, train_encoder, family, tie):
     assert any("lora_B" in k for k in saved) == (mode == "lora")
     assert json.loads((tmp_path / "config.json").read_text())["decoder_training"] == mode
 
-    enc, etok, dec, dtok = backbones(family, tie=tie)  # fresh 'pretrained' backbones
+    enc, etok, dec, dtok = backbones(family=family, tie=tie)  # fresh 'pretrained' backbones
     back = LarimarModel.from_pretrained(tmp_path, encoder=(enc, etok), decoder=(dec, dtok)).eval()
     texts = ["the capital of france is", "paris"]
     batch = model.tokenize_decoder(texts)
@@ -328,7 +276,7 @@ def test_save_load_round_trip(tmp_path, mode, train_encoder, family, tie):
     torch.testing.assert_close(lb, la, atol=0, rtol=0)
     torch.testing.assert_close(back.memory.M0, model.memory.M0, atol=0, rtol=0)
     # without the saved tensors the fresh model differs (the test can fail)
-    fresh = tiny_model(family, tie=tie, decoder_training=mode, train_encoder=train_encoder)
+    fresh = tiny_model(family=family, tie=tie, decoder_training=mode, train_encoder=train_encoder)
     with torch.no_grad():
         lf = fresh.decode_logits(batch["input_ids"], batch["attention_mask"], fresh.encode_texts(texts))
     assert (lf - la).abs().amax() > 1e-4

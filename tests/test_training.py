@@ -1,9 +1,10 @@
 """Training (`larimar.training`) on tiny random backbones saved to folders: CLI run folder, learning, resume,
 config loading and schedules, and DDP on CPU (gloo) against one process.
 
-The tiny setup (`_tiny`): a BERT encoder and a Llama decoder (hidden 32, 2 layers), word-level tokenizers, a
-corpus whose paragraphs are exactly 8 vocabulary words, so every block has 8 decoder tokens (and 10 encoder
-tokens): the token mean over a batch then equals the mean of the token means of equal shards (DDP).
+The tiny setup (the TRAINING preset of `fixtures/tiny_larimar.py`): a BERT encoder and a Llama decoder (hidden 32,
+2 layers), word-level tokenizers, a corpus whose paragraphs are exactly 8 vocabulary words, so every block has 8
+decoder tokens (and 10 encoder tokens): the token mean over a batch then equals the mean of the token means of
+equal shards (DDP).
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _tiny import BLOCK_WORDS, train_config_dict
 from safetensors.torch import load_file
 
-from larimar.backbones import load_decoder, load_encoder
-from larimar.cli import main
-from larimar.model import LarimarModel
-from larimar.training import (
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+from tiny_larimar import BLOCK_WORDS, train_config_dict  # noqa: E402
+
+sys.path.remove(str(FIXTURES))
+
+from larimar.backbones import load_decoder, load_encoder  # noqa: E402
+from larimar.cli import main  # noqa: E402
+from larimar.model import LarimarModel  # noqa: E402
+from larimar.training import (  # noqa: E402
     TrainConfig, beta_schedule, build_model, collate, episode_stream, load_config, lr_factor, train,
 )
 
