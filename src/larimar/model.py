@@ -364,7 +364,10 @@ class LatentDecoder(nn.Module):
         Returns:
             logits (B, T, V).
         """
-        if self.training and getattr(self.model, "is_gradient_checkpointing", False):
+        checkpointing = getattr(self.model, "is_activation_checkpointing", None)  # transformers >= 5.x name
+        if checkpointing is None:
+            checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
+        if self.training and checkpointing:
             raise ValueError("gradient checkpointing drops the latent cache slot; disable it on the decoder")
         B, T = input_ids.shape
         if attention_mask is None:
