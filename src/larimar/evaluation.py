@@ -438,7 +438,7 @@ def _scope_of(editor: Editor, n: int) -> list[bool | None]:
     return list(s) if s is not None else [None] * n
 
 
-def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int) -> dict[str, Any] | None:
+def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int, detail: bool = True) -> dict[str, Any] | None:
     if not req.target_true:
         return None
     rewrite = req.full_prompt
@@ -448,6 +448,7 @@ def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int) -> dict[str, A
     answers = list(req.neighborhood_answers) or [req.target_true] * len(req.neighborhood_prompts)
     trues = [req.target_true] * (1 + len(req.paraphrase_prompts)) + answers
     editor.reset()
+    gen_tokens = gen_tokens if detail else 0
     pre = editor.generate([rewrite], gen_tokens)[0] if gen_tokens else None
     t0 = time.perf_counter()
     editor.edit([req])
@@ -456,11 +457,12 @@ def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int) -> dict[str, A
     n = len(prompts)
     nll = editor.score(prompts + prompts, [_space(req.target_new)] * n + [_space(t) for t in trues])  # (2n,)
     scope = _scope_of(editor, 2 * n)
-    t0 = time.perf_counter()
-    editor.score([rewrite, rewrite], [_space(req.target_new), _space(req.target_true)])
-    query_ms = _ms(t0)
-    plain_ms = None
-    if hasattr(editor, "score_plain"):
+    query_ms = plain_ms = None
+    if detail:
+        t0 = time.perf_counter()
+        editor.score([rewrite, rewrite], [_space(req.target_new), _space(req.target_true)])
+        query_ms = _ms(t0)
+    if detail and hasattr(editor, "score_plain"):
         t0 = time.perf_counter()
         editor.score_plain([rewrite, rewrite], [_space(req.target_new), _space(req.target_true)])
         plain_ms = _ms(t0)
@@ -525,6 +527,7 @@ def evaluate_edits(
     gen_tokens: int = 10,
     exact_match: bool = False,
     progress: bool = False,
+    detail_every: int = 1,
 ) -> dict[str, Any]:
     """Runs one editor over records, one record at a time (reset, edit, query).
 
@@ -535,6 +538,8 @@ def evaluate_edits(
         gen_tokens: tokens of the pre / post-edit greedy generation of the rewrite prompt (0: none).
         exact_match: also report greedy exact match of target_new (ZsRE; token_acc only).
         progress: show a tqdm progress bar.
+        detail_every: generate and time queries on every k-th record only (counterfact_prob; scores are
+            computed for every record): large runs on CPU spend most of their time there otherwise.
 
     Returns:
         the summary dict (keys of `SUMMARY_KEYS` and more) with the per-record results under "cases".
@@ -547,9 +552,9 @@ def evaluate_edits(
     skipped = 0
     bar = tqdm(records, desc=f"{editor.name} ({protocol})", disable=not progress, unit="case")
     try:
-        for req in bar:
+        for i, req in enumerate(bar):
             if protocol == "counterfact_prob":
-                case = _case_prob(editor, req, gen_tokens)
+                case = _case_prob(editor, req, gen_tokens, detail=i % max(1, detail_every) == 0)
                 if case is None:
                     skipped += 1
                     continue
@@ -841,7 +846,8 @@ def run_edit_eval(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
     summaries = []
     for editor in editors:
         fn = evaluate_counterfact if task == "counterfact" else evaluate_zsre
-        summaries.append(fn(editor, loaded.records, protocol, gen_tokens=args.gen_tokens, progress=True))
+        summaries.append(fn(editor, loaded.records, protocol, gen_tokens=args.gen_tokens, progress=True,
+                            detail_every=args.detail_every))
     meta = {
         "task": task, "data": str(args.data), "limit": args.limit, "n_records_loaded": len(loaded.records),
         "n_record_errors": len({e.index for e in loaded.errors}),
@@ -919,6 +925,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         e.add_argument("--no-scope", action="store_true", help="read memory for every query (ablation)")
         e.add_argument("--read-mode", choices=["memory", "nearest"], default="memory")
         e.add_argument("--gen-tokens", type=int, default=10, help="pre / post-edit greedy generation length (0: off)")
+        e.add_argument("--detail-every", type=int, default=1,
+                       help="generate and time queries on every k-th record only (scores: every record)")
         e.add_argument("--hparams", action="append", metavar="METHOD=PATH", help="a baseline's YAML hyper-parameters")
         e.add_argument("--seed", type=int, default=0)
         e.set_defaults(func=lambda a, t=task: (run_edit_eval(a, t), 0)[1])

@@ -392,10 +392,11 @@ class ItemMemory:
         n = W.shape[0]
         WU = W @ self.U  # (n, K)
         S = (s2 / alpha) * torch.eye(n, dtype=torch.float64, device=self.device) + WU @ W.T  # (n, n)
-        G = torch.linalg.solve(S, WU).T  # (K, n) = U W^T S^-1 (U symmetric)
-        self.M = self.M + G @ (Z - W @ self.M)  # (K, C)
-        U = self.U - G @ WU  # (K, K)
-        self.U = 0.5 * (U + U.T)
+        Gt = WU / S if n == 1 else torch.linalg.solve(S, WU)  # (n, K) = (U W^T S^-1)^T, U and S symmetric
+        self.M = self.M + Gt.T @ (Z - W @ self.M)  # (K, C)
+        self.U = self.U - Gt.T @ WU  # (K, K)
+        if n > 1:  # a rank-1 update is symmetric to the bit; a block update only up to rounding
+            self.U = 0.5 * (self.U + self.U.T)
 
     def _as_items(self, Z: Tensor) -> Tensor:
         C = self.config.code_size

@@ -854,12 +854,24 @@ class LarimarModel(nn.Module):
             out[name] = t.detach().contiguous().cpu()
         return out
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Writes ``config.json`` (naming the backbones) and ``model.safetensors`` (new / changed tensors only)."""
+    def save_pretrained(self, directory: str | Path, storage_dtype: torch.dtype | None = None) -> None:
+        """Writes ``config.json`` (naming the backbones) and ``model.safetensors`` (new / changed tensors only).
+
+        Args:
+            directory: the folder.
+            storage_dtype: store the weights in this dtype (e.g. ``torch.float16``, to halve a shipped checkpoint);
+                they are cast back to the model's dtype on load. The memory prior (M0, read noise) is always
+                stored as it is, so that memory keys computed against it do not move.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file(self.saved_state_dict(), str(d / WEIGHTS_NAME), metadata={"format": "larimar"})
+        tensors = self.saved_state_dict()
+        if storage_dtype is not None:
+            tensors = {k: (t.to(storage_dtype) if t.is_floating_point() and not k.startswith("memory.") else t)
+                       for k, t in tensors.items()}
+        meta = {"format": "larimar", "storage_dtype": str(storage_dtype or "as trained")}
+        save_file(tensors, str(d / WEIGHTS_NAME), metadata=meta)
 
     @classmethod
     def from_pretrained(
