@@ -1,0 +1,80 @@
+"""End-to-end tests of the shipped default checkpoint with the real backbones (MiniLM + SmolLM2-135M, CPU).
+
+The editing slice pins the shipped checkpoint's numbers on the first records of CounterFact: it fails if a
+change to the model, the memory, the scope detector or the evaluation makes editing worse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from larimar import cli
+from larimar.editing import DEFAULT_CHECKPOINT, Larimar
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CF_ROME = DATA / "counterfact_rome" / "counterfact_rome_929.json"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (Path(DEFAULT_CHECKPOINT) / "config.json").is_file(), reason="no shipped checkpoint"),
+]
+
+# Measured with the shipped checkpoint on the first SLICE records of counterfact_rome_929.json (see
+# docs/results.md); the test allows one record of slack per metric.
+SLICE = 20
+ES_SLICE, NS_GAP_SLICE = 25.0, 5.0
+
+
+@pytest.fixture(scope="module")
+def lm() -> Larimar:
+    return Larimar.from_pretrained()
+
+
+def test_loads_with_one_call_and_edits_route_through_memory(lm: Larimar):
+    lm.reset()
+    ids = lm.edit(["The Eiffel Tower is located in the city of Rome."])
+    latents, in_scope, _ = lm.read_latent(["The Eiffel Tower is located in the city of", "Apples are a kind of"])
+    assert in_scope == [True, False]
+    assert latents[0].abs().sum() > 0 and latents[1].abs().sum() == 0  # out of scope: z = 0, the plain decoder
+    lm.forget(ids)
+    assert len(lm.memory) == 0
+    latents, in_scope, _ = lm.read_latent(["The Eiffel Tower is located in the city of"])
+    assert in_scope == [False] and latents.abs().sum() == 0
+
+
+def test_out_of_scope_scores_equal_the_untouched_decoder(lm: Larimar):
+    lm.reset()
+    lm.edit(["The mother tongue of Danielle Darrieux is English."])
+    nll_mem = lm.score("The capital of Germany is", [" Berlin", " Paris"])
+    plain = lm.model.continuation_nll(["The capital of Germany is"] * 2, [" Berlin", " Paris"], None)
+    assert torch.allclose(torch.tensor(nll_mem), plain.float(), atol=1e-5)
+    lm.reset()
+
+
+def test_forgetting_is_exact_with_the_real_encoder(lm: Larimar):
+    lm.reset()
+    facts = ["Apple A5 was created by Google.", "The Eiffel Tower is in Rome.", "Paris is the capital of Italy."]
+    ids = [lm.edit([f])[0] for f in facts]
+    lm.forget([ids[1]])
+    ref = Larimar(lm.model, scope=None, use_scope=False)
+    for f in (facts[0], facts[2]):
+        ref.edit([f])
+    assert torch.allclose(lm.memory.M, ref.memory.M, rtol=0, atol=1e-8 * ref.memory.M.abs().max().item())
+    lm.reset()
+
+
+@pytest.mark.skipif(not CF_ROME.is_file(), reason="shared CounterFact data absent")
+def test_counterfact_slice_does_not_regress(tmp_path):
+    out = tmp_path / "cf"
+    code = cli.main(["eval", "counterfact", "--data", str(CF_ROME), "--limit", str(SLICE),
+                     "--methods", "larimar,none", "--gen-tokens", "0", "--out", str(out)])
+    assert code == 0
+    import json
+
+    rows = {r["method"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert rows["larimar"]["n_cases"] == SLICE
+    assert rows["larimar"]["es"] >= ES_SLICE - 100.0 / SLICE
+    assert rows["larimar"]["ns"] >= rows["none"]["ns"] - NS_GAP_SLICE - 100.0 / SLICE
