@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-from tiny_larimar import backbones, save_tiny_checkpoint, tiny_larimar  # noqa: E402
+from tiny_larimar import backbones, save_tiny_checkpoint, tiny_larimar
 
-sys.path.remove(str(FIXTURES))
-
-from larimar import capabilities as cap  # noqa: E402
-from larimar import cli, evaluation  # noqa: E402
-from larimar.data import EditRequest, load_counterfact, load_zsre  # noqa: E402
-from larimar.evaluation import LarimarEditor  # noqa: E402
-from larimar.longcontext import (  # noqa: E402
+from larimar import capabilities as cap
+from larimar import cli, evaluation
+from larimar.data import EditRequest, load_counterfact, load_zsre
+from larimar.evaluation import LarimarEditor
+from larimar.longcontext import (
     build_document,
     chunk_document,
     evaluate_longcontext,

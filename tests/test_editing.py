@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-from tiny_larimar import bow_embed, save_tiny_checkpoint, tiny_larimar  # noqa: E402
+from tiny_larimar import bow_embed, save_tiny_checkpoint, tiny_larimar
 
-sys.path.remove(str(FIXTURES))
-
-from larimar import cli  # noqa: E402
-from larimar.data import EditRequest  # noqa: E402
-from larimar.editing import Larimar, LarimarEngine, fact_sentence  # noqa: E402
-from larimar.scope import ScopeDetector  # noqa: E402
+from larimar import cli
+from larimar.data import EditRequest
+from larimar.editing import Larimar, LarimarEngine, fact_sentence
+from larimar.scope import ScopeDetector
 
 FACT = "The capital of France is Rome."
 PROMPT = "The capital of France is"

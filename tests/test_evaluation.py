@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-from tiny_larimar import WORDS, backbones, save_tiny_checkpoint, tiny_larimar, tiny_model  # noqa: E402
+from tiny_larimar import WORDS, backbones, save_tiny_checkpoint, tiny_larimar, tiny_model
 
-sys.path.remove(str(FIXTURES))
-
-from larimar import cli  # noqa: E402
-from larimar.data import load_counterfact, load_zsre  # noqa: E402
-from larimar.evaluation import (  # noqa: E402
+from larimar import cli
+from larimar.data import load_counterfact, load_zsre
+from larimar.evaluation import (
     SUMMARY_KEYS,
     Editor,
     LarimarEditor,

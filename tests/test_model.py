@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-import tiny_larimar as tiny  # noqa: E402
+import tiny_larimar as tiny
 
-sys.path.remove(str(FIXTURES))
-
-from larimar.memory import MemoryConfig  # noqa: E402
-from larimar.model import LarimarConfig, LarimarModel, LatentEncoder  # noqa: E402
+from larimar.memory import MemoryConfig
+from larimar.model import LarimarConfig, LarimarModel, LatentEncoder
 
 C = tiny.C
 TEXTS = [

@@ -27,14 +27,11 @@ from hypothesis import strategies as st
 
 from larimar.service import ServiceLimits, create_app, create_app_from_env, open_store_for
 from larimar.store import MemoryStore, StoreError
+from store_fake_engine import FakeEngine
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FAKE_ENGINE = FIXTURES / "store_fake_engine.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
-sys.path.insert(0, str(FIXTURES))
-from store_fake_engine import FakeEngine  # noqa: E402
-
-sys.path.remove(str(FIXTURES))
 
 
 def _free_port() -> int:

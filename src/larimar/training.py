@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import re
 import time
 from collections.abc import Iterator
@@ -372,8 +373,6 @@ def save_checkpoint(folder: Path, model: LarimarModel, opt: torch.optim.Optimize
         old = folder.with_name(folder.name + ".old")
         os.replace(folder, old)
         os.replace(tmp, folder)
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, folder)
@@ -483,6 +482,8 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     for _ in range(episodes_seen):  # resume: skip what was consumed
         next(stream)
     use_bf16 = cfg.bf16 and device.type == "cuda"
+    if is_main:  # on resume, drop rows logged after the checkpoint: those steps are run again
+        _truncate_metrics(out / "metrics.jsonl", step)
     metrics_f = open(out / "metrics.jsonl", "a") if is_main else None
     t_start = time.perf_counter()
     bar = tqdm(total=cfg.optim.steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
@@ -552,6 +553,18 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     if world > 1:
         dist.barrier()
     return last
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keeps only the metric rows of steps <= last_step (atomically; nothing to do without the file)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def _is_new(name: str) -> bool:
