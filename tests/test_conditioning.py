@@ -262,3 +262,28 @@ def test_real_smollm2_zero_latent_parity_and_cache():
     z = torch.randn(1, 384, generator=torch.Generator().manual_seed(1))
     cached = dec.generate(ids, z, 4)
     assert torch.equal(cached, dec.generate(ids, z, 4, use_cache=False))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gated_lora_acts_only_on_rows_with_a_latent(family):
+    """A gated LoRA changes rows decoded with z != 0 and leaves z = 0 rows (and direct HF calls) exactly plain."""
+    dec = tiny_decoder(family)
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(3))
+    z = torch.stack([torch.zeros(C), torch.randn(C, generator=torch.Generator().manual_seed(4))])  # row 0: no memory
+    with torch.no_grad():
+        plain = dec.model(ids).logits
+        before = dec(ids, latent=z)
+    names = apply_lora(dec.model, DECODER_ARCHS[family].lora_targets, rank=2, alpha=4.0, gated=True)
+    for n in names:
+        with torch.no_grad():
+            dec.model.get_submodule(n).lora_B.normal_(0, 0.5)  # a trained-looking, non-zero update
+    with torch.no_grad():
+        after = dec(ids, latent=z)
+        assert torch.equal(dec.model(ids).logits, plain)  # no gate set: the layer is its base
+    torch.testing.assert_close(after[0], before[0], atol=1e-6, rtol=0)  # z = 0 row: plain decoder
+    assert (after[1] - before[1]).abs().max() > 1e-3  # z != 0 row: LoRA active
+    assert all(dec.model.get_submodule(n).gate is None for n in names)  # the gate does not outlive the forward
+    # cached generation still equals uncached with the gate set per step
+    cached = dec.generate(ids, z, max_new_tokens=4)
+    uncached = dec.generate(ids, z, max_new_tokens=4, use_cache=False)
+    assert torch.equal(cached, uncached)

@@ -117,6 +117,7 @@ def test_counterfact_end_to_end_tiny(tmp_path):
     es = 100.0 * sum(c["prompts"][0]["nll_new"] < c["prompts"][0]["nll_true"] for c in s_n["cases"]) / 3
     assert s_n["es"] == pytest.approx(es)
     assert s_l["query_ms_median"] > 0 and s_l["plain_query_ms_median"] > 0 and s_l["edit_ms_median"] > 0
+    assert s_l["edit_total_ms_median"] >= s_l["edit_ms_median"]  # encode + write, then + scope indexing
 
     meta = {"task": "counterfact", "data": str(CF), "checkpoint": "tiny", "scope_threshold": 0.6,
             "scope_mode": "prompt", "date": "today", "machine": "test"}
@@ -253,3 +254,41 @@ def test_cli_eval_reconstruct(tmp_path, capsys, checkpoint):
               "wikitext_ppl_base", "n_blocks"):
         assert s[k] is not None, k
     assert s["n_blocks"] == 16
+
+
+def test_scope_sweep_rates_match_pairwise_similarities(tmp_path):
+    from tiny_larimar import bow_embed
+
+    from larimar.evaluation import evaluate_scope
+    from larimar.scope import ScopeDetector
+
+    records = load_counterfact(CF).records
+    scope = ScopeDetector(embed_fn=bow_embed)
+    out = evaluate_scope(records, scope, thresholds=[-1.0, 0.5, 1.01])
+    assert out["n_records"] == len(records)
+    rows = {(r["mode"], r["threshold"]): r for r in out["rows"]}
+    assert len(rows) == 6
+    for mode in ("prompt", "prompt_answer"):
+        assert rows[(mode, -1.0)]["neighborhood"] == 100.0 and rows[(mode, -1.0)]["paraphrase"] == 100.0
+        assert rows[(mode, 1.01)]["rewrite"] == 0.0 and rows[(mode, 1.01)]["balanced_accuracy"] == 50.0
+    # the middle threshold equals a by-hand count with the detector's own pairwise scores
+    fact = [f"{r.full_prompt} {r.target_new}" for r in records]
+    para = [(p, f) for r, f in zip(records, fact) for p in r.paraphrase_prompts]
+    sims = scope.score_pairs([p for p, _ in para], [f for _, f in para])
+    assert rows[("prompt", 0.5)]["paraphrase"] == pytest.approx(100.0 * float((sims >= 0.5).double().mean()))
+    assert rows[("prompt", 0.5)]["rewrite"] == 100.0  # a rewrite prompt is a prefix of its own fact
+
+
+def test_cli_eval_scope_writes_outputs_and_rejects_missing_data(tmp_path, capsys, monkeypatch):
+    from tiny_larimar import bow_embed
+
+    import larimar.scope as scope_mod
+
+    real = scope_mod.ScopeDetector
+    monkeypatch.setattr(scope_mod, "ScopeDetector", lambda **kw: real(embed_fn=bow_embed))
+    assert cli.main(["eval", "scope", "--data", str(CF), "--out", str(tmp_path / "s")]) == 0
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert len(summary["rows"]) == 2 * 13 and summary["n_records"] == 3
+    assert "| prompt | 0.60 |" in (tmp_path / "s" / "summary.md").read_text()
+    assert cli.main(["eval", "scope", "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "t")]) == 2
+    assert "larimar: error" in capsys.readouterr().err

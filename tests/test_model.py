@@ -291,3 +291,32 @@ def test_from_pretrained_is_strict(tmp_path):
         LarimarModel.from_pretrained(tmp_path, encoder=backbones()[:2], decoder=backbones()[2:])
     with pytest.raises(FileNotFoundError):
         LarimarModel.from_pretrained(tmp_path / "nowhere", encoder=backbones()[:2], decoder=backbones()[2:])
+
+
+def test_loss_target_mask_scores_only_marked_tokens():
+    model = tiny_model()
+    batch = episode_batch(model)
+    full = model.loss(batch, beta=0.0, lm_weight=0.0, ae_weight=0.0, sample_read=False)
+    ones = dict(batch, dec_target_mask=batch["dec_attention_mask"].clone())
+    torch.testing.assert_close(model.loss(ones, beta=0.0, lm_weight=0.0, ae_weight=0.0, sample_read=False)["rec"],
+                               full["rec"])
+    # scoring only the last real token of every row equals the mean NLL of those tokens computed by hand
+    mask = batch["dec_attention_mask"]
+    last = torch.zeros_like(mask)
+    lengths = mask.sum(-1)  # (B, E)
+    last.scatter_(-1, (lengths - 1).unsqueeze(-1), 1)
+    got = model.loss(dict(batch, dec_target_mask=last), beta=0.0, lm_weight=0.0, ae_weight=0.0,
+                     sample_read=False)["rec"]
+    with torch.no_grad():
+        Z = model.encode(batch["enc_input_ids"].flatten(0, 1), batch["enc_attention_mask"].flatten(0, 1)).view(2, 3, -1)
+        _, z_read, _, _ = model.memory.write_read(Z, Z, sample=False)
+        ids = batch["dec_input_ids"].flatten(0, 1)
+        start = torch.full((ids.shape[0], 1), model.start_token_id)
+        full_ids = torch.cat([start, ids], 1)
+        full_mask = torch.cat([torch.ones_like(start), mask.flatten(0, 1)], 1)
+        logits = model.decode_logits(full_ids, full_mask, z_read.reshape(6, -1))
+        n = lengths.flatten()  # the last real token sits at index n in full_ids, predicted from index n - 1
+        logp = torch.log_softmax(logits.float(), -1)
+        want = -torch.stack([logp[i, n[i] - 1, full_ids[i, n[i]]] for i in range(6)]).mean()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.isclose(got, full["rec"])

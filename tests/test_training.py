@@ -325,3 +325,121 @@ def test_resume_drops_metric_rows_logged_after_the_checkpoint(tmp_path):
     _truncate_metrics(path, 10)  # the checkpoint was at step 10; steps 11.. run again after resume
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 5, 10]
     _truncate_metrics(tmp_path / "absent.jsonl", 3)  # nothing to do
+
+
+# -- 5. stage-2 options: continuation loss, sentence items, init_from ----------------------------------------------
+
+
+class _WordTokenizer:
+    """Word-level stand-in for a HF tokenizer: one id per word."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[len(w) for w in t.split()] for t in texts]}
+
+
+def test_continuation_mask_marks_the_words_after_the_prefix():
+    from larimar.training import _continuation_mask
+
+    texts = ["a b c d e", "f g h", "i j"]
+    rows = [[1] * 5, [1] * 3, [1] * 2]
+    queries = ["a b", "f g h", "i"]  # a prefix, the whole text, a prefix
+    m = _continuation_mask(rows, texts, queries, _WordTokenizer())
+    assert m.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 0, 0, 0]]
+
+
+def test_prefix_loss_continuation_batch_and_config_checks(assets, tmp_path):
+    import random
+
+    cfg = TrainConfig.from_dict(train_config_dict(
+        assets, tmp_path / "run", data={"prefix_query_prob": 1.0, "prefix_loss": "continuation"},
+    ))
+    model = build_model(cfg, torch.device("cpu"))
+    stream = episode_stream(cfg.data, model.decoder_tokenizer, cfg.seed)
+    batch = collate([next(stream) for _ in range(2)], model, cfg.data, random.Random(0))
+    target, mask = batch["dec_target_mask"], batch["dec_attention_mask"]
+    assert target.shape == mask.shape and bool((target <= mask).all())
+    assert bool((target.sum(-1) >= 1).all()) and bool((target.sum(-1) < mask.sum(-1)).all())  # a prefix was cut
+    out = model.loss(batch, beta=0.0)
+    assert torch.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="prefix_loss"):
+        TrainConfig.from_dict(train_config_dict(assets, tmp_path / "x", data={"prefix_loss": "answer"}))
+    with pytest.raises(ValueError, match="prefix_frac"):
+        TrainConfig.from_dict(train_config_dict(assets, tmp_path / "x", data={"prefix_frac": [0.9, 0.1]}))
+
+
+def test_iter_sentences_splits_at_sentence_ends():
+    from larimar.data import iter_sentences
+
+    got = list(iter_sentences(["Paris is in France. It has 2 million people! Is it big? yes.", "  ", "One more"]))
+    assert got == ["Paris is in France.", "It has 2 million people!", "Is it big? yes.", "One more"]
+
+
+def test_init_from_copies_saved_tensors_and_keeps_new_ones(assets, tmp_path):
+    stage1 = TrainConfig.from_dict(train_config_dict(assets, tmp_path / "s1", model={"decoder_training": "frozen"},
+                                                     optim={"steps": 2}))
+    train(stage1)
+    saved = _weights(tmp_path / "s1" / "model")
+    stage2 = TrainConfig.from_dict(train_config_dict(
+        assets, tmp_path / "s2", init_from=str(tmp_path / "s1" / "model"),
+        model={"decoder_training": "lora", "lora_gated": True}, optim={"steps": 0},
+    ))
+    train(stage2)  # zero steps: the saved model is the initialisation
+    got = _weights(tmp_path / "s2" / "model")
+    for k, t in saved.items():
+        assert torch.equal(got[k], t), k
+    assert any("lora_B" in k for k in got) and all(bool((got[k] == 0).all()) for k in got if "lora_B" in k)
+    bad = TrainConfig.from_dict(train_config_dict(assets, tmp_path / "s3", init_from=str(tmp_path / "nowhere")))
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train(bad)
+
+
+def test_swap_names_builds_edit_shaped_items():
+    import random
+
+    from larimar.training import swap_names
+
+    texts = ["The river flows through Paris and then Rouen.", "She was born in New York City in 1950.",
+             "no names here at all"]
+    out = swap_names(texts, 1.0, random.Random(0))
+    assert out[2] is None  # no capitalised name
+    for text, sw in zip(texts[:2], out[:2]):
+        item, prompt = sw
+        assert text.startswith(prompt + " ") and item.startswith(prompt + " ")
+        new = item[len(prompt) + 1:]
+        others = {"Paris", "Rouen", "New York City"} - {n for n in ("Paris", "Rouen", "New York City") if n in text}
+        assert new in others  # a name from another text, never the original
+        assert len(prompt.split()) >= 3
+    assert swap_names(texts, 0.0, random.Random(0)) == [None, None, None]
+
+
+def test_collate_with_name_swaps_scores_only_the_new_name(assets, tmp_path):
+    import random
+
+    cfg = TrainConfig.from_dict(train_config_dict(assets, tmp_path / "run", data={"swap_prob": 1.0}))
+    model = build_model(cfg, torch.device("cpu"))
+
+    class Block:
+        def __init__(self, text):
+            self.text, self.ids = text, model.decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    from tiny_larimar import WORDS
+
+    w = [x for x in WORDS if x.isalpha()]
+    names = [x.capitalize() for x in w[:4]]
+    texts = [f"{w[0]} {w[1]} {w[2]} {names[0]} {w[3]}", f"{w[1]} {w[2]} {w[3]} {names[1]}"]
+    batch = collate([[Block(t) for t in texts]], model, cfg.data, random.Random(0))
+    target, mask = batch["dec_target_mask"][0], batch["dec_attention_mask"][0]
+    assert bool((target <= mask).all())
+    for row in range(2):  # the prompt's 3 words are not scored, the swapped-in name is (the text is cut after it)
+        assert target[row, :3].sum() == 0 and target[row].sum() >= 1
+        assert int(mask[row].sum()) == 3 + int(target[row].sum())
+    with pytest.raises(ValueError, match="swap_prob"):
+        TrainConfig.from_dict(train_config_dict(assets, tmp_path / "x", data={"swap_prob": 2.0}))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_training_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.model.latent_size == cfg.model.memory.code_size
+    assert cfg.optim.batch_episodes % cfg.optim.grad_accum == 0

@@ -600,6 +600,19 @@ def iter_wikipedia_texts(path: str | Path) -> Iterator[str]:
                     yield paragraph
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+def iter_sentences(paragraphs: Iterable[str]) -> Iterator[str]:
+    """Split paragraphs into sentences: after ``.``, ``!`` or ``?`` and whitespace, before a capital, digit,
+    quote or parenthesis (a heuristic: "U.S. Army" stays whole only when no capital follows the space)."""
+    for paragraph in paragraphs:
+        for sentence in _SENTENCE_END.split(paragraph):
+            sentence = sentence.strip()
+            if sentence:
+                yield sentence
+
+
 def _encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens (a HF tokenizer or any callable alike)."""
     return list(tokenizer(texts, add_special_tokens=False)["input_ids"])

@@ -21,6 +21,7 @@ FACTS = [
 QUESTIONS = [
     ("The Eiffel Tower is located in the city of", [" Rome", " Paris"]),
     ("The mother tongue of Danielle Darrieux is", [" English", " French"]),
+    ("Apple A5 was created by", [" Google", " Apple"]),
 ]
 
 

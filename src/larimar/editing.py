@@ -38,6 +38,7 @@ import copy
 import json
 import logging
 import sys
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -282,11 +283,7 @@ def read_memory_state(directory: str | Path, fingerprint: str | None) -> tuple[d
 
 def _with_mode(scope: ScopeDetector, mode: str) -> ScopeDetector:
     """``scope`` itself if it already scores in ``mode``, else a shallow copy that does (same facts)."""
-    if scope.mode == mode:
-        return scope
-    view = copy.copy(scope)
-    view.mode = mode
-    return view
+    return scope.with_mode(mode)
 
 
 
@@ -354,6 +351,7 @@ class Larimar:
         self._fingerprint = fingerprint
         self.memory = ItemMemory(model.memory)
         self._texts: dict[str, str] = {}  # id -> sentence, in write order
+        self.last_edit_ms: dict[str, float] = {}  # wall time of the last edit's parts: encode, scope, write
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -434,9 +432,14 @@ class Larimar:
         if ids is None:
             ids = [uuid.uuid4().hex[:16] for _ in sentences]
         ids = _check_ids(ids, len(sentences), self._texts)
+        t0 = time.perf_counter()
         Z = self.encode_facts(sentences)  # (n, C)
+        t1 = time.perf_counter()
         emb = self.scope.embed(sentences) if self.scope is not None else None  # (n, D)
+        t2 = time.perf_counter()
         self.memory.write(Z, ids)
+        t3 = time.perf_counter()
+        self.last_edit_ms = {"encode": 1e3 * (t1 - t0), "scope": 1e3 * (t2 - t1), "write": 1e3 * (t3 - t2)}
         if self.scope is not None:
             try:
                 self.scope.add_embeddings(emb, ids)

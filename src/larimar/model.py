@@ -151,9 +151,14 @@ class LoRALinear(nn.Module):
         rank: r.
         alpha: scaling numerator.
         generator: random generator for the init of A.
+        gated: the update applies only through ``self.gate``, a (B, 1, 1) per-row factor set by the caller for
+            one forward (`LatentDecoder` sets it to 1 for rows with a memory read-out, 0 for z = 0); with no
+            gate set, a gated LoRA is off and the layer is exactly ``base``.
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None, gated: bool = False
+    ) -> None:
         super().__init__()
         if isinstance(base, nn.Linear):
             in_features, out_features = base.in_features, base.out_features
@@ -169,16 +174,23 @@ class LoRALinear(nn.Module):
         A = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
         self.lora_A = nn.Parameter(A.to(w.device, w.dtype))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=w.device, dtype=w.dtype))  # (out, r)
+        self.gated = gated
+        self.gate: Tensor | None = None  # (B, 1, 1), set per forward when gated
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling  # (..., out)
+        if self.gated and self.gate is None:
+            return self.base(x)
+        delta = (x @ self.lora_A.T @ self.lora_B.T) * self.scaling  # (..., out)
+        if self.gated:
+            delta = delta * self.gate.to(delta.dtype)  # (B, T, out) * (B, 1, 1)
+        return self.base(x) + delta
 
 
 def apply_lora(
     model: nn.Module, targets: list[str] | tuple[str, ...], rank: int, alpha: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, gated: bool = False,
 ) -> list[str]:
-    """Wraps every submodule whose leaf name is in ``targets`` in a `LoRALinear`, in place.
+    """Wraps every submodule whose leaf name is in ``targets`` in a `LoRALinear` (``gated`` as there), in place.
 
     Returns:
         the qualified names of the wrapped modules.
@@ -195,7 +207,7 @@ def apply_lora(
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rank, alpha, generator))
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rank, alpha, generator, gated))
     return names
 
 
@@ -348,9 +360,16 @@ class LatentDecoder(nn.Module):
             logits (B, t, V).
         """
         embeds = self.embedding(input_ids) + self.emb_proj(latent).unsqueeze(1)  # (B, t, hidden)
-        out = self.model(
-            inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, cache=cache, use_cache=True
-        )
+        gated = [m for m in self.model.modules() if isinstance(m, LoRALinear) and m.gated]
+        for m in gated:  # a gated LoRA acts on rows with a memory slot only (z = 0 rows: the plain decoder)
+            m.gate = full_mask[:, :1, None].to(embeds.dtype)  # (B, 1, 1)
+        try:
+            out = self.model(
+                inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, cache=cache, use_cache=True
+            )
+        finally:
+            for m in gated:
+                m.gate = None
         return out.logits
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, latent: Tensor | None = None) -> Tensor:
@@ -476,6 +495,9 @@ class LarimarConfig:
         lora_rank: LoRA rank r.
         lora_alpha: LoRA alpha (scaling alpha / r).
         lora_targets: LoRA target leaf module names (None: the architecture's q / v, see `DECODER_ARCHS`).
+        lora_gated: the LoRA update acts only on rows decoded with a memory read-out (z != 0), so that z = 0
+            stays exactly the pretrained decoder (out-of-scope queries, perplexity) while LoRA helps the
+            decoder use the latent slot.
         max_encoder_length: encoder truncation length (tokens, special tokens included).
         max_decoder_length: decoder truncation length (tokens, the start token excluded).
         decoder_start_token: start token prepended to decoded texts, as a vocabulary string (None: the
@@ -494,6 +516,7 @@ class LarimarConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: list[str] | None = None
+    lora_gated: bool = False
     max_encoder_length: int = 64
     max_decoder_length: int = 64
     decoder_start_token: str | None = None
@@ -600,8 +623,10 @@ class LarimarModel(nn.Module):
             p.requires_grad_(config.decoder_training == "full")
         if config.decoder_training == "lora":
             targets = config.lora_targets or list(self.decoder.arch.lora_targets)
-            wrapped = apply_lora(self.decoder.model, targets, config.lora_rank, config.lora_alpha, gen)
-            logger.info("LoRA (r=%d) on %d decoder modules", config.lora_rank, len(wrapped))
+            wrapped = apply_lora(self.decoder.model, targets, config.lora_rank, config.lora_alpha, gen,
+                                 gated=config.lora_gated)
+            logger.info("LoRA (r=%d, gated=%s) on %d decoder modules", config.lora_rank, config.lora_gated,
+                        len(wrapped))
         self.start_token_id = _start_token_id(decoder_tokenizer, config.decoder_start_token)
         pad = getattr(decoder_tokenizer, "pad_token_id", None)
         eos = getattr(decoder_tokenizer, "eos_token_id", None)
@@ -771,7 +796,9 @@ class LarimarModel(nn.Module):
                 special tokens included) and ``dec_input_ids``, ``dec_attention_mask`` (B, E, Td) (decoder tokens
                 of the same texts, right padded, without the start token: it is prepended here, so every
                 token is a target). Optional ``query_input_ids``, ``query_attention_mask`` (B, E, Tq): encoder
-                tokens of the queries that read block e back (default: the blocks themselves).
+                tokens of the queries that read block e back (default: the blocks themselves). Optional
+                ``dec_target_mask`` (B, E, Td): the decoder tokens the rec and ae terms score (default: all; e.g.
+                only the continuation after a prefix query, as an edit is scored on the answer after its prompt).
             beta: KL weight.
             write_noise_std: std of the noise added to Z when writing.
             rec_weight, ae_weight, lm_weight: weights of the three CE terms; a zero weight skips that forward.
@@ -809,6 +836,10 @@ class LarimarModel(nn.Module):
         start = torch.full((N, 1), self.start_token_id, dtype=ids.dtype, device=ids.device)
         ids = torch.cat([start, ids], 1)  # (N, 1 + Td)
         mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)  # (N, 1 + Td)
+        target = mask
+        if "dec_target_mask" in batch:
+            t = batch["dec_target_mask"].flatten(0, 1).long()  # (N, Td)
+            target = torch.cat([torch.zeros_like(t[:, :1]), t], 1) * mask  # (N, 1 + Td)
 
         # one decoder forward for all terms with a non-zero weight: (n_terms * N) rows
         terms = {"rec": z_read.reshape(N, -1), "ae": Z.reshape(N, -1), "lm": torch.zeros_like(Z.reshape(N, -1))}
@@ -816,9 +847,10 @@ class LarimarModel(nn.Module):
         names = [k for k in terms if weights[k] != 0] or ["rec"]
         latents = [terms[k] for k in names]  # (N, C) each
         n_terms = len(latents)
+        targets = torch.cat([mask if k == "lm" else target for k in names], 0)  # (n_terms * N, 1 + Td)
         ids, mask = ids.repeat(n_terms, 1), mask.repeat(n_terms, 1)  # (n_terms * N, 1 + Td)
         logits = self.decode_logits(ids, mask, torch.cat(latents, 0))  # (n_terms * N, 1 + Td, V)
-        total, count = _token_ce(logits, ids, mask)  # (n_terms * N,)
+        total, count = _token_ce(logits, ids, targets)  # (n_terms * N,)
         ce = total.view(n_terms, N).sum(1) / count.view(n_terms, N).sum(1).clamp_min(1.0)  # (n_terms,)
         zero = torch.zeros((), device=ce.device)
         out = {k: (ce[names.index(k)] if k in names else zero) for k in terms}  # skipped terms report 0

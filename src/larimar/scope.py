@@ -29,6 +29,7 @@ precomputed fact embeddings. State is stored as safetensors (embeddings) + JSON 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -342,6 +343,20 @@ class ScopeDetector:
         """
         sims, _ = self.score(queries)
         return [bool(s >= self.threshold) for s in sims]
+
+    def with_mode(self, mode: str) -> "ScopeDetector":
+        """This detector if it already scores in ``mode``, else a shallow copy that does (same facts, encoder).
+
+        Raises:
+            ValueError: unknown mode.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if mode == self.mode:
+            return self
+        view = copy.copy(self)
+        view.mode = mode
+        return view
 
     def score_pairs(self, queries: list[str], facts: list[str]) -> torch.Tensor:
         """Similarity of each query to ITS OWN fact (the one-fact-per-record protocol of benchmarks).

@@ -36,7 +36,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from larimar.data import iter_episodes, iter_text_blocks, iter_wikipedia_texts
+from larimar.data import iter_episodes, iter_sentences, iter_text_blocks, iter_wikipedia_texts
 from larimar.model import LarimarConfig, LarimarModel
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,13 @@ class DataConfig:
         prefix_query_prob: probability that a block is read back with a query made of a prefix of its words
             (as an editing query is the prompt of a written fact) instead of the block itself.
         prefix_frac: range of the fraction of words kept in a prefix query.
+        prefix_loss: "all" scores every token of a block read back with a prefix query; "continuation" scores
+            only the tokens after the prefix (the answer after an edit's prompt), where the read-out must carry
+            what the decoder cannot guess from the prompt.
+        split_sentences: cut paragraphs into sentences before blocking (short, fact-like items).
+        swap_prob: probability that an item becomes an edit-shaped counterfactual (`swap_names`): a name in it
+            is replaced by a name from another item and the text cut after it; it is read back with the text
+            before the name, and the loss scores the name alone.
     """
 
     train_path: str = "../shared/data/wikipedia_en/enwiki_2018_train.jsonl"
@@ -67,6 +74,17 @@ class DataConfig:
     shuffle_buffer: int = 4096
     prefix_query_prob: float = 0.0
     prefix_frac: list[float] = field(default_factory=lambda: [0.3, 0.8])
+    prefix_loss: str = "all"
+    split_sentences: bool = False
+    swap_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.prefix_loss not in ("all", "continuation"):
+            raise ValueError(f"data.prefix_loss must be 'all' or 'continuation', got {self.prefix_loss!r}")
+        if len(self.prefix_frac) != 2 or not 0.0 <= self.prefix_frac[0] <= self.prefix_frac[1] <= 1.0:
+            raise ValueError(f"data.prefix_frac must be [low, high] with 0 <= low <= high <= 1, got {self.prefix_frac}")
+        if not 0.0 <= self.swap_prob <= 1.0:
+            raise ValueError(f"data.swap_prob must be in [0, 1], got {self.swap_prob}")
 
 
 @dataclass
@@ -134,6 +152,9 @@ class TrainConfig:
         save_every: steps between resumable checkpoints.
         resume: continue from ``out_dir/checkpoint`` if it exists.
         threads: torch CPU threads (0: torch's default).
+        init_from: a model folder written by ``save_pretrained`` whose tensors initialise this run (e.g. to
+            continue a frozen-decoder run with LoRA added); tensors it lacks keep their fresh init. A resumed
+            run ignores it.
     """
 
     model: LarimarConfig = field(default_factory=LarimarConfig)
@@ -148,6 +169,7 @@ class TrainConfig:
     save_every: int = 100
     resume: bool = True
     threads: int = 0
+    init_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -279,8 +301,10 @@ def episode_stream(cfg: DataConfig, decoder_tokenizer: Any, seed: int) -> Iterat
     epoch = 0
     while True:
         rng = random.Random(seed * 1000 + epoch)
-        blocks = iter_text_blocks(iter_wikipedia_texts(cfg.train_path), decoder_tokenizer, cfg.block_tokens,
-                                  cfg.min_tokens)
+        texts = iter_wikipedia_texts(cfg.train_path)
+        if cfg.split_sentences:
+            texts = iter_sentences(texts)
+        blocks = iter_text_blocks(texts, decoder_tokenizer, cfg.block_tokens, cfg.min_tokens)
         n = 0
         for episode in iter_episodes(_shuffled(blocks, cfg.shuffle_buffer, rng), cfg.episode_size):
             n += 1
@@ -302,20 +326,87 @@ def prefix_queries(texts: list[str], prob: float, frac: list[float], rng: random
     return out
 
 
+_TRAILING = ",.;:!?)]\"'"
+
+
+def _name_spans(words: list[str]) -> list[tuple[int, int]]:
+    """(start, end) word spans of capitalised names: runs of words starting with a capital letter, not the
+    text's first word, a run ending at a word that ends with punctuation."""
+    spans, i = [], 1
+    while i < len(words):
+        if words[i][:1].isupper():
+            j = i
+            while j + 1 < len(words) and words[j + 1][:1].isupper() and words[j][-1:] not in _TRAILING:
+                j += 1
+            spans.append((i, j + 1))
+            i = j + 1
+        else:
+            i += 1
+    return spans
+
+
+def swap_names(texts: list[str], prob: float, rng: random.Random, min_prompt_words: int = 3) -> list[tuple[str, str] | None]:
+    """Edit-shaped counterfactual items made from plain text.
+
+    Per text, with probability ``prob``: pick a capitalised name that starts after at least ``min_prompt_words``
+    words, replace it by a different name found in another text of the batch, and cut the text after it.
+    The result is shaped like an edit, "prompt + new object", with an object the decoder cannot guess from the
+    prompt (often against what the decoder believes), so only the latent can supply it.
+
+    Returns:
+        per text, ``(item, prompt)`` (``item = prompt + " " + name``) or None (not drawn, or no usable name).
+    """
+    split = [t.split() for t in texts]
+    names = [[" ".join(w.strip(_TRAILING) for w in words[a:b]) for a, b in _name_spans(words)] for words in split]
+    out: list[tuple[str, str] | None] = []
+    for i, words in enumerate(split):
+        spans = [(a, b) for a, b in _name_spans(words) if a >= min_prompt_words]
+        if rng.random() >= prob or not spans:
+            out.append(None)
+            continue
+        a, b = spans[rng.randrange(len(spans))]
+        old = " ".join(w.strip(_TRAILING) for w in words[a:b])
+        pool = [n for j, ns in enumerate(names) if j != i for n in ns if n and n != old]
+        if not pool:
+            out.append(None)
+            continue
+        prompt = " ".join(words[:a])
+        out.append((f"{prompt} {pool[rng.randrange(len(pool))]}", prompt))
+    return out
+
+
 def collate(
     episodes: list[list[Any]], model: LarimarModel, cfg: DataConfig | None = None, rng: random.Random | None = None
 ) -> dict[str, Tensor]:
-    """Episodes of E blocks -> encoder tokens (B, E, Te), right-padded decoder tokens (B, E, Td) and, when
-    ``cfg.prefix_query_prob > 0``, encoder tokens of the read queries (B, E, Tq)."""
+    """Episodes of E blocks -> encoder tokens (B, E, Te), right-padded decoder tokens (B, E, Td) and, with prefix
+    queries or name swaps (``cfg``), encoder tokens of the read queries (B, E, Tq) and the decoder tokens the
+    loss scores (B, E, Td)."""
     B, E = len(episodes), len(episodes[0])
+    tok = model.decoder_tokenizer
+    max_len = model.config.max_decoder_length
     texts = [b.text for ep in episodes for b in ep]
+    rows = [list(b.ids)[:max_len] for ep in episodes for b in ep]
+    swaps: list[tuple[str, str] | None] = [None] * len(texts)
+    if cfg is not None and cfg.swap_prob > 0:
+        swaps = swap_names(texts, cfg.swap_prob, rng)
+        swapped = [i for i, sw in enumerate(swaps) if sw]
+        if swapped:
+            new_ids = tok([swaps[i][0] for i in swapped], add_special_tokens=False)["input_ids"]
+            for i, ids in zip(swapped, new_ids):
+                texts[i], rows[i] = swaps[i][0], list(ids)[:max_len]
     enc = model.encoder.tokenize(texts)  # (B*E, Te)
     extra = {}
-    if cfg is not None and cfg.prefix_query_prob > 0:
-        q = model.encoder.tokenize(prefix_queries(texts, cfg.prefix_query_prob, cfg.prefix_frac, rng))
+    if cfg is not None and (cfg.prefix_query_prob > 0 or any(swaps)):
+        queries = prefix_queries(texts, cfg.prefix_query_prob, cfg.prefix_frac, rng)
+        queries = [sw[1] if sw else q for q, sw in zip(queries, swaps)]  # a swapped item is read with its prompt
+        q = model.encoder.tokenize(queries)
         extra = {"query_input_ids": q["input_ids"].view(B, E, -1).to(model.device),
                  "query_attention_mask": q["attention_mask"].view(B, E, -1).to(model.device)}
-    rows = [list(b.ids)[: model.config.max_decoder_length] for ep in episodes for b in ep]
+        if cfg.prefix_loss == "all":  # only swapped items score their continuation (the new name) alone
+            queries = [q if sw else t for q, t, sw in zip(queries, texts, swaps)]
+        if cfg.prefix_loss == "continuation" or any(swaps):
+            target = _continuation_mask(rows, texts, queries, tok)  # (B*E, Td)
+            extra["dec_target_mask"] = target.view(B, E, -1).to(model.device)
     T = max(len(r) for r in rows)
     ids = torch.full((B * E, T), model.pad_token_id, dtype=torch.long)
     mask = torch.zeros((B * E, T), dtype=torch.long)
@@ -330,6 +421,19 @@ def collate(
         "dec_attention_mask": mask.view(B, E, T).to(dev),
         **extra,
     }
+
+
+def _continuation_mask(rows: list[list[int]], texts: list[str], queries: list[str], tokenizer: Any) -> Tensor:
+    """(N, T) 1 at the decoder tokens of each row after its prefix query (every token when the query is the
+    whole text); a row keeps at least its last token. T is the longest row."""
+    T = max(len(r) for r in rows)
+    out = torch.zeros((len(rows), T), dtype=torch.long)
+    prefixes = [q for t, q in zip(texts, queries) if q != t]
+    n_prefix = iter(len(ids) for ids in tokenizer(prefixes, add_special_tokens=False)["input_ids"]) if prefixes else None
+    for i, (r, t, q) in enumerate(zip(rows, texts, queries)):
+        start = 0 if q == t else min(next(n_prefix), len(r) - 1)  # words split at spaces: the prefix's tokens lead
+        out[i, start : len(r)] = 1
+    return out
 
 
 # -- checkpointing (safetensors + JSON; no pickle) --------------------------------------------------------------
@@ -394,6 +498,27 @@ class _LossModule(nn.Module):
                                ae_weight=c.ae, lm_weight=c.lm)
 
 
+def init_weights(model: LarimarModel, folder: Path) -> None:
+    """Copies the tensors of a saved model folder into ``model`` (same names and shapes; others keep their init).
+
+    Raises:
+        FileNotFoundError: no ``model.safetensors`` in the folder.
+        ValueError: a tensor the model does not have, or of another shape.
+    """
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: {path} not found (expected a folder written by save_pretrained)")
+    tensors = load_file(str(path))
+    own = model.state_dict()
+    bad = [k for k, t in tensors.items() if k not in own or tuple(t.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError(f"init_from: {folder} has tensors this model lacks or shapes it differs in: {bad[:5]}")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            own[k].copy_(t)
+    logger.info("initialised %d tensors from %s", len(tensors), folder)
+
+
 def _dist_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment (1 process without it)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -438,6 +563,8 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     if model is None:
         model = build_model(cfg, device)
     model.to(device).train()
+    if cfg.init_from and not (cfg.resume and (out / "checkpoint" / "state.json").exists()):
+        init_weights(model, Path(cfg.init_from))
     new_params = [p for n, p in model.named_parameters() if p.requires_grad and _is_new(n)]
     old_params = [p for n, p in model.named_parameters() if p.requires_grad and not _is_new(n)]
     groups = [{"params": new_params, "lr": cfg.optim.lr_new}]
@@ -568,8 +695,10 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def _is_new(name: str) -> bool:
-    """Parameters that start from scratch (projections, memory prior) get their own learning rate."""
-    return name.startswith(("memory.", "encoder.proj.", "decoder.kv_proj.", "decoder.emb_proj."))
+    """Parameters that start from scratch (projections, memory prior, LoRA) get their own learning rate."""
+    return name.startswith(("memory.", "encoder.proj.", "decoder.kv_proj.", "decoder.emb_proj.")) or (
+        ".lora_A" in name or ".lora_B" in name
+    )
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> None:
@@ -584,9 +713,17 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     x = [r["tokens_seen"] / 1e6 for r in rows]
+    window = 9  # running mean over this many logged points, drawn over the raw values when there are enough
     for key in ("rec", "ae", "lm"):
         if any(r.get(key) for r in rows):
-            ax.plot(x, [r[key] for r in rows], label=f"{key} CE (nats/token)")
+            y = [r[key] for r in rows]
+            if len(y) >= 2 * window:
+                line, = ax.plot(x, y, alpha=0.3, linewidth=0.8)
+                smooth = [sum(y[max(0, i - window + 1): i + 1]) / len(y[max(0, i - window + 1): i + 1])
+                          for i in range(len(y))]
+                ax.plot(x, smooth, color=line.get_color(), label=f"{key} CE (nats/token), mean of {window} logs")
+            else:
+                ax.plot(x, y, label=f"{key} CE (nats/token)")
     ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("loss")
     ax.set_title(f"Larimar training: {Path(metrics_path).parent.name}")
