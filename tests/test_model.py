@@ -320,3 +320,28 @@ def test_loss_target_mask_scores_only_marked_tokens():
         want = -torch.stack([logp[i, n[i] - 1, full_ids[i, n[i]]] for i in range(6)]).mean()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not torch.isclose(got, full["rec"])
+
+
+def test_save_stores_only_changed_embedding_rows_against_the_base_encoder(tmp_path):
+    model = tiny_model(train_encoder=True)
+    emb = model.encoder.model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[[2, 5]] += 0.25  # "training" touched two tokens only
+        model.encoder.proj.weight.add_(0.1)
+    base = backbones()[0]  # the pretrained encoder the model was built from
+    model.save_pretrained(tmp_path, base_encoder=base)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    name = "encoder.model.embeddings.word_embeddings.weight"
+    assert name not in saved and saved[name + "::rows"].tolist() == [2, 5]
+    assert saved[name + "::values"].shape == (2, emb.shape[1])
+    enc, etok, dec, dtok = backbones()
+    back = LarimarModel.from_pretrained(tmp_path, encoder=(enc, etok), decoder=(dec, dtok))
+    torch.testing.assert_close(back.encoder.model.get_input_embeddings().weight, emb, atol=0, rtol=0)
+    texts = ["the capital of france is", "paris"]
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode_texts(texts), model.encode_texts(texts), atol=0, rtol=0)
+    # a rows entry out of range is refused, not silently applied
+    saved[name + "::rows"] = torch.tensor([2, 10_000])
+    save_file(saved, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="changed-rows"):
+        LarimarModel.from_pretrained(tmp_path, encoder=backbones()[:2], decoder=backbones()[2:])

@@ -575,6 +575,18 @@ def _token_ce(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple[T
     return (nll * m).sum(-1), m.sum(-1)
 
 
+ROWS_SUFFIX, VALUES_SUFFIX = "::rows", "::values"  # a matrix stored as its changed rows (see save_pretrained)
+
+
+def _embedding_key(encoder: nn.Module) -> str:
+    """State-dict key of an HF encoder's token-embedding weight."""
+    emb = encoder.get_input_embeddings()
+    for name, module in encoder.named_modules():
+        if module is emb:
+            return f"{name}.weight"
+    raise ValueError(f"{type(encoder).__name__} has no input embedding module")
+
+
 def _start_token_id(tokenizer: Any, token: str | None) -> int:
     """Id of the decoder start token: ``token`` if given (one vocabulary entry), else BOS, else EOS."""
     if token is not None:
@@ -886,7 +898,9 @@ class LarimarModel(nn.Module):
             out[name] = t.detach().contiguous().cpu()
         return out
 
-    def save_pretrained(self, directory: str | Path, storage_dtype: torch.dtype | None = None) -> None:
+    def save_pretrained(
+        self, directory: str | Path, storage_dtype: torch.dtype | None = None, base_encoder: nn.Module | None = None
+    ) -> None:
         """Writes ``config.json`` (naming the backbones) and ``model.safetensors`` (new / changed tensors only).
 
         Args:
@@ -894,11 +908,25 @@ class LarimarModel(nn.Module):
             storage_dtype: store the weights in this dtype (e.g. ``torch.float16``, to halve a shipped checkpoint);
                 they are cast back to the model's dtype on load. The memory prior (M0, read noise) is always
                 stored as it is, so that memory keys computed against it do not move.
+            base_encoder: the pretrained encoder this model's encoder was trained from (``config.encoder``). With
+                it, the rows of the encoder's token-embedding matrix that training left exactly unchanged are not
+                stored (``NAME::rows`` and ``NAME::values`` hold the changed rows); on load they come from the
+                backbone. Fine-tuning touches only the rows of tokens it saw.
         """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         tensors = self.saved_state_dict()
+        if base_encoder is not None:
+            name = "encoder.model." + _embedding_key(base_encoder)
+            if name in tensors:
+                base = base_encoder.state_dict()[_embedding_key(base_encoder)].to(tensors[name].dtype).cpu()
+                if base.shape != tensors[name].shape:
+                    raise ValueError(f"base_encoder's token embedding {tuple(base.shape)} does not match "
+                                     f"{tuple(tensors[name].shape)}")
+                rows = (tensors[name] != base).any(-1).nonzero().flatten()  # (R,)
+                weight = tensors.pop(name)
+                tensors[name + ROWS_SUFFIX], tensors[name + VALUES_SUFFIX] = rows, weight[rows].contiguous()
         if storage_dtype is not None:
             tensors = {k: (t.to(storage_dtype) if t.is_floating_point() and not k.startswith("memory.") else t)
                        for k, t in tensors.items()}
@@ -942,6 +970,16 @@ class LarimarModel(nn.Module):
         model = cls(config, encoder[0], encoder[1], decoder[0], decoder[1])
         tensors = load_file(str(d / WEIGHTS_NAME))
         own = model.state_dict()
+        for key in [k for k in tensors if k.endswith(ROWS_SUFFIX)]:  # changed rows over the backbone's own
+            name = key[: -len(ROWS_SUFFIX)]
+            values = tensors.pop(name + VALUES_SUFFIX, None)
+            rows = tensors.pop(key)
+            if name not in own or values is None or values.shape[1:] != own[name].shape[1:] or (
+                    rows.numel() and int(rows.max()) >= own[name].shape[0]) or len(rows) != len(values):
+                raise ValueError(f"{d / WEIGHTS_NAME}: bad changed-rows entry for {name!r}")
+            full = own[name].detach().clone()
+            full[rows] = values.to(full.dtype)
+            tensors[name] = full
         unexpected = sorted(k for k in tensors if k not in own)
         if unexpected:
             raise ValueError(f"saved tensors not used by the model: {unexpected[:10]}")
