@@ -281,12 +281,6 @@ def read_memory_state(directory: str | Path, fingerprint: str | None) -> tuple[d
 # The editor
 
 
-def _with_mode(scope: ScopeDetector, mode: str) -> ScopeDetector:
-    """``scope`` itself if it already scores in ``mode``, else a shallow copy that does (same facts)."""
-    return scope.with_mode(mode)
-
-
-
 def cached_plain_nll(
     model: LarimarModel, prompts: list[str], continuations: list[str], cache: dict[tuple[str, str], float]
 ) -> Tensor:
@@ -514,7 +508,7 @@ class Larimar:
         if len(memory) == 0:
             return Routing(latents, [False] * Q, torch.full((Q,), float("-inf")), [None] * Q)
         if self.use_scope or self.read_mode == "nearest":
-            sims, nearest = _with_mode(scope, scope_mode).score(queries)  # (Q,)
+            sims, nearest = scope.with_mode(scope_mode).score(queries)  # (Q,)
         else:
             sims, nearest = torch.full((Q,), float("nan")), [None] * Q
         in_scope = [bool(s >= self.scope_threshold) for s in sims] if self.use_scope else [True] * Q
