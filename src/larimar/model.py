@@ -208,7 +208,17 @@ def apply_lora(
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rank, alpha, generator, gated))
+    if gated:  # the gated layers, for whoever sets their gate per forward (see `gated_lora`)
+        model.__dict__.setdefault(GATED_LORA_ATTR, []).extend(model.get_submodule(n) for n in names)
     return names
+
+
+GATED_LORA_ATTR = "_larimar_gated_lora"
+
+
+def gated_lora(model: nn.Module) -> list[LoRALinear]:
+    """The gated `LoRALinear` layers `apply_lora` put into ``model`` (recorded there, not searched for)."""
+    return model.__dict__.get(GATED_LORA_ATTR, [])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,7 +370,7 @@ class LatentDecoder(nn.Module):
             logits (B, t, V).
         """
         embeds = self.embedding(input_ids) + self.emb_proj(latent).unsqueeze(1)  # (B, t, hidden)
-        gated = [m for m in self.model.modules() if isinstance(m, LoRALinear) and m.gated]
+        gated = gated_lora(self.model)
         for m in gated:  # a gated LoRA acts on rows with a memory slot only (z = 0 rows: the plain decoder)
             m.gate = full_mask[:, :1, None].to(embeds.dtype)  # (B, 1, 1)
         try:
@@ -918,9 +928,10 @@ class LarimarModel(nn.Module):
         (d / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         tensors = self.saved_state_dict()
         if base_encoder is not None:
-            name = "encoder.model." + _embedding_key(base_encoder)
+            key = _embedding_key(base_encoder)
+            name = "encoder.model." + key
             if name in tensors:
-                base = base_encoder.state_dict()[_embedding_key(base_encoder)].to(tensors[name].dtype).cpu()
+                base = base_encoder.state_dict()[key].to(tensors[name].dtype).cpu()
                 if base.shape != tensors[name].shape:
                     raise ValueError(f"base_encoder's token embedding {tuple(base.shape)} does not match "
                                      f"{tuple(tensors[name].shape)}")

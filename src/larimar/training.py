@@ -357,15 +357,16 @@ def swap_names(texts: list[str], prob: float, rng: random.Random, min_prompt_wor
         per text, ``(item, prompt)`` (``item = prompt + " " + name``) or None (not drawn, or no usable name).
     """
     split = [t.split() for t in texts]
-    names = [[" ".join(w.strip(_TRAILING) for w in words[a:b]) for a, b in _name_spans(words)] for words in split]
+    spans = [_name_spans(words) for words in split]
+    names = [[" ".join(w.strip(_TRAILING) for w in words[a:b]) for a, b in sp] for words, sp in zip(split, spans)]
     out: list[tuple[str, str] | None] = []
     for i, words in enumerate(split):
-        spans = [(a, b) for a, b in _name_spans(words) if a >= min_prompt_words]
-        if rng.random() >= prob or not spans:
+        usable = [k for k, (a, _) in enumerate(spans[i]) if a >= min_prompt_words]
+        if rng.random() >= prob or not usable:
             out.append(None)
             continue
-        a, b = spans[rng.randrange(len(spans))]
-        old = " ".join(w.strip(_TRAILING) for w in words[a:b])
+        k = usable[rng.randrange(len(usable))]
+        a, old = spans[i][k][0], names[i][k]
         pool = [n for j, ns in enumerate(names) if j != i for n in ns if n and n != old]
         if not pool:
             out.append(None)
