@@ -324,3 +324,29 @@ def test_ike_smollm2_config_finds_its_demonstrations(tok, monkeypatch: pytest.Mo
     hp = load_hparams("ike", CONFIGS / "ike_smollm2-135m.yaml")
     _, handle = apply_method("ike", tiny_model("llama"), tok, [MESSI], hp)
     assert handle.prompt_prefix.count("New Fact:") == hp.k + 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_prefix_scoring_matches_full_forward(tok, kind):
+    """IKE-style rows with a long common prefix: the cached-prefix path scores exactly like one full forward."""
+    from larimar.evaluation import teacher_forced
+
+    model = tiny_model(kind)
+    prefix = " ".join(WORDS[:40]) + " new fact "
+    prompts = [prefix + "the sport of lionel messi", prefix + "the city of", prefix + "who speaks"]
+    conts = [" tennis", " rome paris", " french"]
+    full = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    calls = []
+
+    def cached(ids, mask, P):
+        calls.append(P)
+        from larimar.evaluation import shared_prefix_logits
+
+        return shared_prefix_logits(model, ids, mask, P)
+
+    with torch.no_grad():
+        ref = teacher_forced(full, tok, 2, 0, prompts, conts)
+        got = teacher_forced(full, tok, 2, 0, prompts, conts, prefix_logits_fn=cached)
+    assert calls and calls[0] >= 40  # the prefix path ran, over the whole shared prefix
+    torch.testing.assert_close(got.nll, ref.nll, atol=1e-5, rtol=1e-5)
+    assert got.predicted == ref.predicted and got.target == ref.target

@@ -185,8 +185,13 @@ def test_capacity_rows():
         for k in ("rewrite_acc", "token_acc", "rewrite_acc_none", "token_acc_none", "scope_rate"):
             assert 0.0 <= r[k] <= 1.0
     assert len(lm) == 0
+    assert [r["n_scored"] for r in rows] == [2, 4, 12]
     with pytest.raises(ValueError, match="no N"):
         cap.evaluate_capacity(lm, _many_facts(3), [10])
+    sampled = cap.evaluate_capacity(lm, _many_facts(12), [4, 12], batch_size=4, sample=5, seed=1)
+    assert [r["n_scored"] for r in sampled] == [4, 5]  # every fact when N <= sample, else the sample
+    again = cap.evaluate_capacity(lm, _many_facts(12), [12], batch_size=4, sample=5, seed=1)
+    assert again[0]["rewrite_acc"] == sampled[1]["rewrite_acc"]  # the sample is seeded
 
 
 # -- 3. forgetting -------------------------------------------------------------------------------------------------
@@ -314,6 +319,30 @@ def test_plain_window_keeps_the_last_tokens():
     assert starts_all == [0] and nll.shape == (1,) and torch.isfinite(nll_all).all()
 
 
+def test_plain_window_cached_context_matches_full_forward():
+    """Rows scored on the shared context's KV cache equal one full forward of [start] + context + "\\n" + q + a."""
+    model = tiny_larimar().model
+    tok = model.decoder_tokenizer
+    doc_ids = tok(" ".join(filler_sentences(PARAGRAPHS, 8)), add_special_tokens=False)["input_ids"]
+    prompts = ["the capital of france is", "lionel messi plays", "hello"]
+    conts = [" rome", " tennis football", " world"]
+    window = 20
+    nll, starts = plain_window_nll(model, doc_ids, prompts, conts, window=window, batch_size=2)
+    sep = tok("\n", add_special_tokens=False)["input_ids"]
+    enc = [(tok(p, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"])
+           for p, c in zip(prompts, conts)]
+    ctx = doc_ids[-(window - 1 - len(sep) - max(len(p) + len(c) for p, c in enc)):]
+    assert starts == [len(doc_ids) - len(ctx)] * 3
+    for i, (p, c) in enumerate(enc):
+        row = torch.tensor([[model.start_token_id, *ctx, *sep, *p, *c]])
+        assert row.shape[1] <= window
+        with torch.no_grad():
+            logp = torch.log_softmax(model.decode_logits(row, None, None).float()[0, :-1], -1)
+        s = row.shape[1] - len(c)
+        ref = -logp[s - 1 : row.shape[1] - 1].gather(-1, row[0, s:, None]).mean()
+        assert nll[i].item() == pytest.approx(ref.item(), abs=1e-4)
+
+
 def test_longcontext_summary():
     lm = tiny_larimar()
     s, rows = evaluate_longcontext(lm, _cf(), PARAGRAPHS, 3, filler_per_fact=2, window=30, chunk_items=4)
@@ -323,6 +352,16 @@ def test_longcontext_summary():
     assert len(rows) == 3
     s_wide, _ = evaluate_longcontext(lm, _cf(), PARAGRAPHS, 3, filler_per_fact=2, window=4000, chunk_items=4)
     assert s_wide["facts_in_window"] == 1.0
+    assert s["n_plain"] == 3 and s["recall_on_plain_sample"] == s["recall"]
+    # the plain decoder asked a seeded sample of 2 of the 3 questions: the same answers on those
+    s2, rows2 = evaluate_longcontext(lm, _cf(), PARAGRAPHS, 3, filler_per_fact=2, window=30, chunk_items=4,
+                                     plain_sample=2)
+    asked = [r for r in rows2 if r["success_plain"] is not None]
+    assert s2["n_plain"] == 2 and len(asked) == 2
+    by_case = {r["case_id"]: r["success_plain"] for r in rows}
+    assert all(r["success_plain"] == by_case[r["case_id"]] for r in asked)
+    assert s2["recall_plain"] == sum(r["success_plain"] for r in asked) / 2
+    assert [r["success"] for r in rows2] == [r["success"] for r in rows] and s2["facts_in_window"] == s["facts_in_window"]
 
 
 # -- command line ----------------------------------------------------------------------------------------------------
@@ -371,6 +410,17 @@ def test_cli_sequential(tmp_path, capsys, checkpoint, with_capabilities):
         assert k in s, k
     assert s["n_edits"] == 2 and s["slots"] == 12 and s["slot_init"] == "M0 + 4 random rows"
     assert [p["n_edits"] for p in s["curve"]] == [1, 2] and "grace" in s["baselines"]
+    # the issue's spelling: `larimar eval zsre --sequential`, baselines through --methods
+    out2 = tmp_path / "seq_zsre"
+    _run(["eval", "zsre", "--data", str(ZSRE), "--sequential", "--edits", "2", "--slots", "12", "--checkpoints", "1",
+          "--methods", "larimar,grace", "--hparams", f"grace={GRACE_TINY}", "--checkpoint", str(checkpoint),
+          "--scope-encoder", "larimar", "--out", str(out2)], capsys)
+    s2 = _files(out2, "sequential.png")
+    assert s2["n_edits"] == 2 and "grace" in s2["baselines"]
+    assert s2["edit_retention"] == s["edit_retention"]  # the same run
+    code = cli.main(["eval", "zsre", "--data", str(ZSRE), "--sequential", "--methods", "grace",
+                     "--checkpoint", str(checkpoint), "--out", str(tmp_path / "bad")])
+    assert code != 0 and "larimar" in capsys.readouterr().err
     assert len((out / "cases.jsonl").read_text().splitlines()) == 4  # 2 facts x 2 methods
     assert "| grace |" in (out / "summary.md").read_text()
 
@@ -409,6 +459,15 @@ def test_cli_longcontext(tmp_path, capsys, checkpoint, with_capabilities):
     for r in s["results"]:
         assert {"n_facts", "recall", "recall_plain", "read_ms"} <= set(r)
     assert len((out / "cases.jsonl").read_text().splitlines()) == 5
+    # without --window the plain decoder gets its own full window
+    from larimar.editing import Larimar
+    from larimar.longcontext import decoder_window
+
+    own = decoder_window(Larimar.from_pretrained(checkpoint, scope_encoder="larimar").model)
+    out2 = tmp_path / "lc_own"
+    _run(["eval", "longcontext", "--data", str(CF), "--wiki", str(wiki), "--n-facts", "2", "--filler-per-fact",
+          "1", "--chunk-items", "2", *_common(checkpoint, out2)], capsys)
+    assert _files(out2, "longcontext.png")["results"][0]["window"] == own > 24
 
 
 def test_cli_errors_and_fallback_command(tmp_path, capsys, checkpoint, with_capabilities):

@@ -130,6 +130,38 @@ def test_counterfact_end_to_end_tiny(tmp_path):
     assert "| larimar | counterfact_prob | 3 |" in (tmp_path / "summary.md").read_text()
 
 
+def test_counterfact_prob_token_acc_from_the_same_edit():
+    """--token-acc: EasyEdit's numbers come from the same edits; they agree with the token_acc protocol."""
+    records = load_counterfact(CF).records
+    lm = tiny_larimar()
+    cache: dict = {}
+    s = evaluate_counterfact(LarimarEditor(lm), records, gen_tokens=0, token_acc=True, pre_cache=cache)
+    ref = evaluate_counterfact(LarimarEditor(lm), records, protocol="token_acc", gen_tokens=0)
+    assert s["tf_reliability"] == pytest.approx(ref["reliability"])
+    assert s["tf_generalization"] == pytest.approx(ref["generalization"])
+    n_neigh = sum(len(r.neighborhood_prompts) for r in records)
+    assert len(cache) == n_neigh  # the unedited predictions, computed once per (prompt, answer)
+    # the unedited model agrees with itself: locality 100
+    s_none = evaluate_counterfact(NoEditEditor(lm.model), records, gen_tokens=0, token_acc=True, pre_cache=cache)
+    assert s_none["tf_locality"] == pytest.approx(100.0)
+    assert s["peak_mem_mb"] > 0 and s["peak_mem_kind"] in ("cpu_rss", "cpu_maxrss")
+    plain = evaluate_counterfact(LarimarEditor(lm), records[:1], gen_tokens=0)
+    assert "tf_reliability" not in plain  # off by default
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    from larimar.evaluation import PeakMemory
+
+    with PeakMemory() as pm:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x += 1
+        import time
+
+        time.sleep(0.05)
+        del x
+    assert pm.delta_mb is not None and pm.delta_mb >= 32  # seen by the sampler although freed before exit
+
+
 def test_memory_without_scope_changes_neighbourhood_verdicts_and_scope_rates():
     records = load_counterfact(CF).records
     lm = tiny_larimar(use_scope=False)

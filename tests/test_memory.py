@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from larimar.memory import SOLVERS, EpisodicMemory, ItemMemory, MemoryConfig
@@ -25,6 +25,8 @@ def projection(q: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 12), b=st.integers(1, 3), seed=st.integers(0, 10_000), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+@example(n=10, b=2, seed=204, scale=1e-3)  # float32 read errors of 2e-3 and 5e-3 when the ridge sat at 10 x eps
+@example(n=10, b=2, seed=1436, scale=1e-3)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-3)])
 def test_write_then_read_reconstructs(dtype, tol, n, b, seed, scale):
     mem = make()

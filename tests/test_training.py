@@ -274,6 +274,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _parallel_cfg(assets, out: Path, steps: int) -> dict:
+    """A tiny run for the multi-process tests (read noise below float32 resolution: see the DDP test)."""
+    return train_config_dict(
+        assets, out, model={"memory": {"num_slots": 8, "code_size": 16, "init_read_std": 1e-15}},
+        optim={"steps": steps, "batch_episodes": 2, "lr": 1e-2, "lr_new": 1e-2, "warmup_steps": 1},
+    )
+
+
+def _torchrun_train(cfg_path: Path) -> subprocess.CompletedProcess:
+    """``larimar -v train --config cfg_path`` under torchrun with 2 CPU processes (gloo); asserts it succeeds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "larimar.cli", "-v", "train", "--config", str(cfg_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_ddp_two_processes_match_one_process(assets, tmp_path):
     """torchrun with 2 CPU processes (gloo) and 1 episode each = 1 process with both episodes.
 
@@ -282,19 +300,11 @@ def test_ddp_two_processes_match_one_process(assets, tmp_path):
     ranks of their token-mean losses equals the token mean over the global batch.
     """
     def cfg(out: Path) -> dict:
-        return train_config_dict(
-            assets, out, model={"memory": {"num_slots": 8, "code_size": 16, "init_read_std": 1e-15}},
-            optim={"steps": 4, "batch_episodes": 2, "lr": 1e-2, "lr_new": 1e-2, "warmup_steps": 1},
-        )
+        return _parallel_cfg(assets, out, steps=4)
 
     one, two = tmp_path / "one", tmp_path / "two"
     train(TrainConfig.from_dict(cfg(one)))
-    cfg_path = _write_config(tmp_path / "ddp.yaml", cfg(two))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "larimar.cli", "train", "--config", str(cfg_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_train(_write_config(tmp_path / "ddp.yaml", cfg(two)))
 
     # same final weights: the gradient averaged over the ranks is the gradient of the global batch. Measured
     # against how far training moved them: rounding differs between the two batch layouts, and Adam turns it
@@ -315,6 +325,37 @@ def test_ddp_two_processes_match_one_process(assets, tmp_path):
     for a, b in zip(rows_one, rows_two):
         for key in ("loss", "rec", "ae", "kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
+
+
+def test_fsdp_two_processes_match_one_process(assets, tmp_path):
+    """parallel=fsdp: 2 gloo processes with sharded parameters = 1 process with the global batch (as DDP above);
+    the saved model holds the gathered full tensors, and the run refuses to resume."""
+    def cfg(out: Path) -> dict:
+        return _parallel_cfg(assets, out, steps=3)
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(TrainConfig.from_dict(cfg(one)))
+    proc = _torchrun_train(_write_config(tmp_path / "fsdp.yaml", {**cfg(two), "parallel": "fsdp"}))
+    assert "FSDP: 2 decoder layers and the root sharded" in proc.stderr
+
+    init = build_model(TrainConfig.from_dict(cfg(one)), torch.device("cpu")).saved_state_dict()
+    w_one, w_two = _weights(one / "model"), _weights(two / "model")
+    assert w_one.keys() == w_two.keys() == init.keys()
+    for k in w_one:  # full tensors, not one rank's shard
+        assert w_two[k].shape == w_one[k].shape, k
+    moved = {k: float((w_one[k] - init[k]).norm()) for k in w_one}
+    diff = {k: float((w_two[k] - w_one[k]).norm()) for k in w_one}
+    assert math.hypot(*diff.values()) < 0.01 * math.hypot(*moved.values()), (diff, moved)
+    rows_one, rows_two = _rows(one), _rows(two)
+    assert [r["step"] for r in rows_two] == [1, 2, 3]
+    for a, b in zip(rows_one, rows_two):
+        for key in ("loss", "rec", "ae", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
+    assert json.loads((two / "checkpoint" / "state.json").read_text())["resumable"] is False
+    with pytest.raises(ValueError, match="cannot be resumed"):  # a single-process resume of it says why
+        train(TrainConfig.from_dict({**cfg(two), "optim": {**cfg(two)["optim"], "steps": 4}}))
+    with pytest.raises(ValueError, match="parallel"):
+        TrainConfig.from_dict({**cfg(one), "parallel": "zero3"})
 
 
 def test_resume_drops_metric_rows_logged_after_the_checkpoint(tmp_path):

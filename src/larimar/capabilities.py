@@ -349,8 +349,10 @@ def evaluate_sequential(
 
 
 def evaluate_capacity(lm: Any, records: Sequence[EditRequest], ns: Sequence[int],
-                      batch_size: int = 32, progress: bool = False) -> list[dict[str, Any]]:
-    """For each N: empty memory, write the first N facts at once (one batch write), score their rewrite prompts.
+                      batch_size: int = 32, progress: bool = False, sample: int = 0,
+                      seed: int = 0) -> list[dict[str, Any]]:
+    """For each N: empty memory, write the first N facts at once (one batch write), score their rewrite prompts
+    (all of them, or a seeded random ``sample`` of them when 0 < sample < N; ``n_scored`` says how many).
 
     ``rewrite_acc`` is ES under ``counterfact_prob`` (NLL(new) < NLL(true) after the rewrite prompt; records
     without target_true are left out of it); ``token_acc`` the teacher-forced token accuracy of target_new;
@@ -375,12 +377,14 @@ def evaluate_capacity(lm: Any, records: Sequence[EditRequest], ns: Sequence[int]
         lm.reset()
         lm.edit(facts, ids=[f"f{i}" for i in range(n)])
         write_s = time.perf_counter() - t0
-        es_recs = [r for r in facts if r.target_true]
-        row: dict[str, Any] = {"n": n, "slots": lm.model.memory.config.num_slots, "write_s": write_s}
+        scored = facts if not 0 < sample < n else random.Random(seed).sample(facts, sample)
+        es_recs = [r for r in scored if r.target_true]
+        row: dict[str, Any] = {"n": n, "slots": lm.model.memory.config.num_slots, "write_s": write_s,
+                               "n_scored": len(scored)}
         for name, e in (("", ed), ("_none", none)):
             ok, scope = rewrite_success(e, [r.full_prompt for r in es_recs], [r.target_new for r in es_recs],
                                         [r.target_true or "" for r in es_recs], batch_size)
-            acc, _ = token_accuracy(e, [r.full_prompt for r in facts], [r.target_new for r in facts], batch_size)
+            acc, _ = token_accuracy(e, [r.full_prompt for r in scored], [r.target_new for r in scored], batch_size)
             row[f"rewrite_acc{name}"] = _mean(ok)
             row[f"token_acc{name}"] = _mean(acc)
             if not name:
@@ -807,12 +811,16 @@ def run_capacity(args: argparse.Namespace) -> dict[str, Any]:
     """``larimar eval capacity``."""
     records = load_records(args.data, "counterfact")
     lm, meta = load_editor(args)
-    rows = evaluate_capacity(lm, records, parse_ints(args.n, "--n"), args.batch_size, progress=True)
+    if args.sample < 0:
+        raise ValueError(f"--sample must be >= 0, got {args.sample}")
+    rows = evaluate_capacity(lm, records, parse_ints(args.n, "--n"), args.batch_size, progress=True,
+                             sample=args.sample, seed=args.seed or 0)
     d = _out(args)
     summary = {"task": "capacity", "data": list(args.data), "protocol": "counterfact_prob ES (rewrite_acc) and "
                "token_acc (token_acc)", "results": rows, **meta}
     write_summary(d, summary)
-    cols = ["n", "slots", "rewrite_acc", "token_acc", "scope_rate", "rewrite_acc_none", "token_acc_none", "write_s"]
+    cols = ["n", "slots", "n_scored", "rewrite_acc", "token_acc", "scope_rate", "rewrite_acc_none", "token_acc_none",
+            "write_s"]
     write_table(d / "summary.md", f"batch capacity: {', '.join(args.data)}",
                 ["rewrite_acc = ES (NLL(new) < NLL(true) after the rewrite prompt); token_acc = teacher-forced "
                  f"token accuracy of target_new. N facts written in one batch into K = {meta['slots']} slots "
@@ -948,6 +956,8 @@ def _register(esub: argparse._SubParsersAction) -> None:
     p = esub.add_parser("capacity", help="batch editing capacity: rewrite accuracy vs facts in one memory")
     data_arg(p, "CounterFact")
     p.add_argument("--n", default="64,128,256,512,1024,2048", help="numbers of facts written at once")
+    p.add_argument("--sample", type=int, default=0, help="score a seeded random sample of this many of the N facts "
+                   "(0: all)")
     add_model_args(p, slots=512)
     p.set_defaults(func=lambda a: (run_capacity(a), 0)[1])
 

@@ -101,6 +101,7 @@ def teacher_forced(
     prompts: Sequence[str],
     continuations: Sequence[str],
     device: torch.device | str = "cpu",
+    prefix_logits_fn: Callable[[Tensor, Tensor, int], Tensor] | None = None,
 ) -> TeacherForced:
     """Scores continuations after prompts: [start] + tokens(prompt) + tokens(continuation), right padded.
 
@@ -114,6 +115,9 @@ def teacher_forced(
         prompts: B prompts.
         continuations: B continuations (e.g. " Rome").
         device: where the tokens go.
+        prefix_logits_fn: optional (input_ids, attention_mask, P) -> logits (B, T - P + 1, V) of positions
+            P - 1 .. T - 1, where the first P tokens are the same in every row (`shared_prefix_logits`). Used
+            instead of ``logits_fn`` when the rows share at least 32 leading tokens (IKE's long prefix).
 
     Raises:
         ValueError: lengths differ or a continuation tokenizes to nothing.
@@ -138,16 +142,41 @@ def teacher_forced(
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     ids, mask = ids.to(device), mask.to(device)
-    logits = logits_fn(ids, mask).float()  # (B, T, V)
-    logp = F.log_softmax(logits[:, :-1], -1)  # (B, T-1, V): position t predicts token t + 1
-    tok_lp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
-    arg = logp.argmax(-1)  # (B, T-1)
+    first = min(s for s, _ in spans) - 1  # the first position whose prediction is scored
+    P = shared_prefix_len(ids, mask, limit=first + 1) if prefix_logits_fn is not None and len(rows) > 1 else 0
+    if P >= 32:
+        logits, off = prefix_logits_fn(ids, mask, P).float(), P - 1  # (B, T - P + 1, V) from position P - 1
+    else:
+        logits, off = logits_fn(ids, mask).float(), 0  # (B, T, V)
+    logp = F.log_softmax(logits[:, first - off : -1], -1)  # (B, T-1-first, V): position t predicts token t + 1
+    tok_lp = logp.gather(-1, ids[:, first + 1 :, None])[..., 0]  # (B, T-1-first)
+    arg = logp.argmax(-1)  # (B, T-1-first)
     nll, pred, tgt = [], [], []
     for i, (s, e) in enumerate(spans):
-        nll.append(-tok_lp[i, s - 1 : e - 1].mean())
-        pred.append(arg[i, s - 1 : e - 1].tolist())
+        nll.append(-tok_lp[i, s - 1 - first : e - 1 - first].mean())
+        pred.append(arg[i, s - 1 - first : e - 1 - first].tolist())
         tgt.append(ids[i, s:e].tolist())
     return TeacherForced(torch.stack(nll).cpu(), pred, tgt)
+
+
+def shared_prefix_len(ids: Tensor, mask: Tensor, limit: int) -> int:
+    """Number of leading positions (at most ``limit``) where every row of ids (B, T) has the same, unpadded token."""
+    same = ((ids == ids[:1]) & (mask == 1)).all(0)[:limit]  # (min(T, limit),)
+    return int(same.long().cumprod(0).sum())
+
+
+def shared_prefix_logits(model: Any, ids: Tensor, mask: Tensor, P: int) -> Tensor:
+    """Logits (B, T - P + 1, V) of positions P - 1 .. T - 1 for rows ids (B, T) whose first P tokens are equal.
+
+    The shared prefix runs once; its KV cache is repeated over the batch for the rest, so a long common context
+    (IKE's demonstrations) costs one forward pass instead of B. Same logits as a full forward, up to rounding.
+    """
+    B = ids.shape[0]
+    head = model(input_ids=ids[:1, :P], use_cache=True)
+    cache = head.cache
+    cache.batch_repeat_interleave(B)
+    rest = model(input_ids=ids[:, P:], attention_mask=mask, cache=cache, use_cache=True).logits
+    return torch.cat([head.logits[:, -1:].expand(B, -1, -1), rest], 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,6 +367,7 @@ class HFBaselineEditor:
         return teacher_forced(
             lambda ids, mask: self.model(input_ids=ids, attention_mask=mask).logits, self.tok, self.start_token_id,
             self.pad_token_id, self._prompts(prompts), continuations, self.device,
+            prefix_logits_fn=lambda ids, mask, P: shared_prefix_logits(self.model, ids, mask, P),
         )
 
     def score(self, prompts: list[str], continuations: list[str]) -> Tensor:
@@ -364,6 +394,58 @@ class HFBaselineEditor:
 
 # ----------------------------------------------------------------------------------------------------------
 # Metrics
+
+
+class PeakMemory:
+    """Peak memory of this process while a block runs (a context manager).
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (reset on entry), kind "cuda_allocated". On CPU: the resident
+    set size, sampled every 5 ms by a background thread from /proc/self/statm (Linux), kind "cpu_rss"; elsewhere
+    the process's lifetime peak from ``resource.getrusage``, kind "cpu_maxrss".
+
+    Attributes (after exit): peak_mb, the peak in MiB; delta_mb, the peak minus the usage on entry.
+    """
+
+    def __init__(self, device: Any = None, interval_s: float = 0.005) -> None:
+        self.cuda = torch.device(device).type == "cuda" if device is not None else False
+        self.interval_s = interval_s
+        self.peak_mb: float | None = None
+        self.delta_mb: float | None = None
+        self.kind = "cuda_allocated" if self.cuda else ("cpu_rss" if Path("/proc/self/statm").is_file() else "cpu_maxrss")
+
+    def _now_mb(self) -> float:
+        if self.kind == "cuda_allocated":
+            return torch.cuda.memory_allocated() / 2**20
+        if self.kind == "cpu_rss":
+            import os
+
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._max = max(self._max, self._now_mb())
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self._start = self._max = self._now_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True) if self.kind == "cpu_rss" else None
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else max(self._max, self._now_mb())
+        self.peak_mb, self.delta_mb = round(peak, 1), round(peak - self._start, 1)
 
 
 def harmonic_mean(values: Sequence[float | None]) -> float | None:
@@ -449,7 +531,17 @@ def _edit_ms(editor: Editor, total_ms: float) -> float:
     return parts["encode"] + parts["write"] if parts else total_ms
 
 
-def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int, detail: bool = True) -> dict[str, Any] | None:
+def _predict_cached(editor: Editor, cache: dict | None, prompts: list[str], answers: list[str]) -> list[list[int]]:
+    """Teacher-forced argmax tokens of answers after prompts, through ``cache`` keyed by (prompt, answer)."""
+    cache = {} if cache is None else cache
+    missing = [(p, a) for p, a in zip(prompts, answers) if (p, a) not in cache]
+    if missing:
+        cache.update(zip(missing, editor.predict([p for p, _ in missing], [a for _, a in missing]).predicted))
+    return [cache[(p, a)] for p, a in zip(prompts, answers)]
+
+
+def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int, detail: bool = True,
+               token_acc: bool = False, pre_cache: dict | None = None) -> dict[str, Any] | None:
     if not req.target_true:
         return None
     rewrite = req.full_prompt
@@ -459,6 +551,8 @@ def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int, detail: bool =
     answers = list(req.neighborhood_answers) or [req.target_true] * len(req.neighborhood_prompts)
     trues = [req.target_true] * (1 + len(req.paraphrase_prompts)) + answers
     editor.reset()
+    loc_prompts, loc_answers = list(req.neighborhood_prompts), [_space(t) for t in answers]
+    pre_loc = _predict_cached(editor, pre_cache, loc_prompts, loc_answers) if token_acc and loc_prompts else None
     gen_tokens = gen_tokens if detail else 0
     pre = editor.generate([rewrite], gen_tokens)[0] if gen_tokens else None
     t0 = time.perf_counter()
@@ -467,7 +561,12 @@ def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int, detail: bool =
     edit_ms = _edit_ms(editor, edit_total_ms)
     post = editor.generate([rewrite], gen_tokens)[0] if gen_tokens else None
     n = len(prompts)
-    nll = editor.score(prompts + prompts, [_space(req.target_new)] * n + [_space(t) for t in trues])  # (2n,)
+    conts = [_space(req.target_new)] * n + [_space(t) for t in trues]
+    if token_acc:  # one teacher-forced pass gives the NLLs and EasyEdit's argmax tokens
+        tf = editor.predict(prompts + prompts, conts)
+        nll = tf.nll  # (2n,)
+    else:
+        nll = editor.score(prompts + prompts, conts)  # (2n,)
     scope = _scope_of(editor, 2 * n)
     query_ms = plain_ms = None
     if detail:
@@ -488,6 +587,14 @@ def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int, detail: bool =
         if scope[n + k] != scope[k]:
             row["in_scope_true"] = scope[n + k]
         rows.append(row)
+    if token_acc:  # EasyEdit's numbers from the same edit: token accuracy of target_new, agreement on neighbours
+        n_edit = 1 + len(req.paraphrase_prompts)  # rows 0 .. n_edit-1: rewrite and paraphrases with target_new
+        accs = [_acc(tf.predicted[k], tf.target[k]) for k in range(n_edit)]
+        post_loc = tf.predicted[n + n_edit :]  # the neighbourhood prompts with their true answers
+        metrics["tf_reliability"] = accs[0]
+        metrics["tf_generalization"] = statistics.mean(accs[1:]) if accs[1:] else None
+        metrics["tf_locality"] = (statistics.mean(_acc(a, b) for a, b in zip(post_loc, pre_loc))
+                                  if pre_loc is not None else None)
     return {"prompts": rows, "pre_generation": pre, "post_generation": post, "edit_ms": edit_ms,
             "edit_total_ms": edit_total_ms, "query_ms": query_ms, "plain_query_ms": plain_ms, **metrics}
 
@@ -541,6 +648,8 @@ def evaluate_edits(
     exact_match: bool = False,
     progress: bool = False,
     detail_every: int = 1,
+    token_acc: bool = False,
+    pre_cache: dict | None = None,
 ) -> dict[str, Any]:
     """Runs one editor over records, one record at a time (reset, edit, query).
 
@@ -553,6 +662,10 @@ def evaluate_edits(
         progress: show a tqdm progress bar.
         detail_every: generate and time queries on every k-th record only (counterfact_prob; scores are
             computed for every record): large runs on CPU spend most of their time there otherwise.
+        token_acc: under counterfact_prob, also EasyEdit's token accuracies from the same edit
+            (``tf_reliability``, ``tf_generalization``, ``tf_locality`` in the summary).
+        pre_cache: shared cache of the unedited model's neighbourhood predictions, keyed by (prompt, answer): every
+            editor starts from the same decoder, so several methods in one run compute them once.
 
     Returns:
         the summary dict (keys of `SUMMARY_KEYS` and more) with the per-record results under "cases".
@@ -565,17 +678,19 @@ def evaluate_edits(
     skipped = 0
     bar = tqdm(records, desc=f"{editor.name} ({protocol})", disable=not progress, unit="case")
     try:
-        for i, req in enumerate(bar):
-            if protocol == "counterfact_prob":
-                case = _case_prob(editor, req, gen_tokens, detail=i % max(1, detail_every) == 0)
-                if case is None:
-                    skipped += 1
-                    continue
-            else:
-                case = _case_token_acc(editor, req, gen_tokens, exact_match)
-            cases.append({"method": editor.name, "protocol": protocol, "case_id": req.case_id,
-                          "fact": req.sentence, "target_new": req.target_new, "target_true": req.target_true,
-                          **case})
+        with PeakMemory(getattr(editor, "device", None)) as peak:
+            for i, req in enumerate(bar):
+                if protocol == "counterfact_prob":
+                    case = _case_prob(editor, req, gen_tokens, detail=i % max(1, detail_every) == 0,
+                                      token_acc=token_acc, pre_cache=pre_cache)
+                    if case is None:
+                        skipped += 1
+                        continue
+                else:
+                    case = _case_token_acc(editor, req, gen_tokens, exact_match)
+                cases.append({"method": editor.name, "protocol": protocol, "case_id": req.case_id,
+                              "fact": req.sentence, "target_new": req.target_new, "target_true": req.target_true,
+                              **case})
     finally:
         editor.reset()
     if skipped:
@@ -584,6 +699,9 @@ def evaluate_edits(
                                "n_skipped": skipped}
     if protocol == "counterfact_prob":
         summary.update(aggregate_prob(cases))
+        if token_acc:
+            for key in ("tf_reliability", "tf_generalization", "tf_locality"):
+                summary[key] = _mean_pct(c.get(key) for c in cases)
     else:
         rel = _mean_pct(c["reliability"] for c in cases)
         gen = _mean_pct(c["generalization"] for c in cases)
@@ -596,6 +714,7 @@ def evaluate_edits(
     summary["edit_total_ms_median"] = _median(c.get("edit_total_ms") for c in cases)
     summary["query_ms_median"] = _median(c["query_ms"] for c in cases)
     summary["plain_query_ms_median"] = _median(c["plain_query_ms"] for c in cases)
+    summary["peak_mem_mb"], summary["peak_mem_delta_mb"], summary["peak_mem_kind"] = peak.peak_mb, peak.delta_mb, peak.kind
     for kind in KINDS:
         flags = [p["in_scope"] for c in cases for p in c["prompts"] if p["kind"] == kind and p["in_scope"] is not None]
         summary[f"scope_rate_{kind}"] = 100.0 * sum(flags) / len(flags) if flags else None
@@ -648,6 +767,9 @@ def write_outputs(out_dir: str | Path, summaries: Sequence[dict[str, Any]], meta
             "query_ms_median", "plain_query_ms_median"]
     if any("exact_match" in o for o in objs):
         cols.insert(7, "exact_match")
+    if any(o.get("tf_reliability") is not None for o in objs):
+        cols[7:7] = ["tf_reliability", "tf_generalization", "tf_locality"]
+    cols += ["peak_mem_mb", "peak_mem_delta_mb"]
     lines = [f"# {meta.get('task', 'evaluation')}: {meta.get('data')}", "",
              f"checkpoint `{meta.get('checkpoint')}`, scope threshold {meta.get('scope_threshold')} "
              f"(mode {meta.get('scope_mode')}), {meta.get('date')}, {meta.get('machine')}", "",
@@ -858,10 +980,12 @@ def run_edit_eval(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
     )
     editors = build_editors(methods, lm, _parse_hparams(args.hparams), args.device)
     summaries = []
+    pre_cache: dict = {}  # the unedited decoder's neighbourhood predictions, shared by the methods (--token-acc)
     for editor in editors:
         fn = evaluate_counterfact if task == "counterfact" else evaluate_zsre
         summaries.append(fn(editor, loaded.records, protocol, gen_tokens=args.gen_tokens, progress=True,
-                            detail_every=args.detail_every))
+                            detail_every=args.detail_every, token_acc=getattr(args, "token_acc", False),
+                            pre_cache=pre_cache))
     meta = {
         "task": task, "data": str(args.data), "limit": args.limit, "n_records_loaded": len(loaded.records),
         "n_record_errors": len({e.index for e in loaded.errors}),
@@ -873,10 +997,36 @@ def run_edit_eval(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
     }
     write_outputs(args.out, summaries, meta)
     for s in summaries:
+        tf = (f" | token_acc rel={_fmt(s['tf_reliability'])} gen={_fmt(s['tf_generalization'])} "
+              f"loc={_fmt(s['tf_locality'])}" if s.get("tf_reliability") is not None else "")
         print(f"{s['method']:>10} {protocol}: n={s['n_cases']} ES={_fmt(s['es'])} PS={_fmt(s['ps'])} "
-              f"NS={_fmt(s['ns'])} Score={_fmt(s['score'])}")
+              f"NS={_fmt(s['ns'])} Score={_fmt(s['score'])} edit_ms={_fmt(s['edit_ms_median'])} "
+              f"peak_mem_mb={_fmt(s['peak_mem_mb'])}{tf}")
     print(f"wrote {args.out}/summary.json, summary.md, cases.jsonl")
     return summaries
+
+
+def _cmd_edit_eval(args: argparse.Namespace, task: str) -> int:
+    """``larimar eval counterfact|zsre``; ``eval zsre --sequential`` runs `larimar.capabilities.run_sequential`."""
+    if not getattr(args, "sequential", False):
+        run_edit_eval(args, task)
+        return 0
+    from larimar.capabilities import run_sequential
+
+    methods = [m.strip() for m in (args.methods or args.method).split(",") if m.strip()]
+    if "larimar" not in methods:
+        raise ValueError("--sequential always runs larimar; add baselines with --methods larimar,grace,memit,...")
+    if args.limit is not None:
+        raise ValueError("--sequential takes --edits N, not --limit")
+    seq = argparse.Namespace(
+        data=[args.data], edits=args.edits, checkpoints=args.checkpoints, em_curve=False,
+        baselines=",".join(m for m in methods if m not in ("larimar", "none")), hparams=args.hparams,
+        out=args.out, checkpoint=args.checkpoint, device=args.device, slots=args.slots, slot_init="random",
+        scope_threshold=args.scope_threshold, scope_encoder=args.scope_encoder, no_scope=args.no_scope,
+        read_mode=args.read_mode, batch_size=32, seed=args.seed,
+    )
+    run_sequential(seq)
+    return 0
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -1015,9 +1165,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         e.add_argument("--gen-tokens", type=int, default=10, help="pre / post-edit greedy generation length (0: off)")
         e.add_argument("--detail-every", type=int, default=1,
                        help="generate and time queries on every k-th record only (scores: every record)")
+        e.add_argument("--token-acc", action="store_true",
+                       help="counterfact_prob: also EasyEdit's token accuracies (tf_*) from the same edits")
         e.add_argument("--hparams", action="append", metavar="METHOD=PATH", help="a baseline's YAML hyper-parameters")
         e.add_argument("--seed", type=int, default=0)
-        e.set_defaults(func=lambda a, t=task: (run_edit_eval(a, t), 0)[1])
+        if task == "zsre":  # the sequential-editing run (`larimar eval sequential`), with --methods as its systems
+            e.add_argument("--sequential", action="store_true",
+                           help="write the facts one after another into one memory (baselines: edits accumulate)")
+            e.add_argument("--edits", type=int, default=1000, help="--sequential: facts written")
+            e.add_argument("--slots", type=int, default=1000, help="--sequential: memory slots K")
+            e.add_argument("--checkpoints", default="10,50,100,250,500,1000",
+                           help="--sequential: numbers of edits to evaluate at (the last edit always)")
+        e.set_defaults(func=lambda a, t=task: _cmd_edit_eval(a, t))
     sc = esub.add_parser("scope", help="scope-detector threshold sweep on CounterFact records")
     sc.add_argument("--data", required=True, help="CounterFact records (ROME or EasyEdit format)")
     sc.add_argument("--limit", type=int, default=None, help="the first N records of the file")

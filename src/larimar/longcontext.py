@@ -26,7 +26,7 @@ question alone (no context, no memory).
 
 Command line::
 
-    larimar eval longcontext --n-facts 64,128,256,512 --window 2048 --out runs/longcontext
+    larimar eval longcontext --n-facts 64,128,256,512 --out runs/longcontext    # window: the decoder's own
 """
 
 from __future__ import annotations
@@ -232,52 +232,67 @@ def read_document(lm: Any, hm: HierarchicalMemory, questions: Sequence[str], hie
 
 
 @torch.inference_mode()
+@torch.inference_mode()
 def plain_window_nll(model: Any, doc_ids: Sequence[int], prompts: Sequence[str], continuations: Sequence[str],
-                     window: int, batch_size: int = 2) -> tuple[Tensor, list[int]]:
+                     window: int, batch_size: int = 16) -> tuple[Tensor, list[int]]:
     """Mean NLL (B,) of each continuation after [start] + the document's last tokens + "\\n" + prompt, at most
-    ``window`` tokens in all (z = 0), and where each row's context starts in ``doc_ids`` (``len(doc_ids)``: none).
+    ``window`` tokens in all (z = 0), and where the context starts in ``doc_ids`` (``len(doc_ids)``: none).
+
+    Every row gets the same context: the document's last tokens that fit beside the longest prompt + continuation.
+    It runs through the decoder once; its KV cache then serves every row (the questions all follow the document).
 
     Args:
         model: the `LarimarModel`.
         doc_ids: the document's decoder tokens.
-        prompts: B questions.
+        prompts: B questions (non-empty).
         continuations: B answers (with their leading space).
         window: the decoder's window in tokens.
-        batch_size: rows per forward.
+        batch_size: rows per forward after the context.
     """
     tok = model.decoder_tokenizer
     sep = tok(SEPARATOR, add_special_tokens=False)["input_ids"] if doc_ids else []
-    rows, spans, starts = [], [], []
-    for p, c in zip(prompts, continuations):
-        p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        c_ids = tok(c, add_special_tokens=False)["input_ids"]
-        room = window - 1 - len(sep) - len(p_ids) - len(c_ids)
-        ctx = list(doc_ids[-room:]) if room > 0 else []
-        head = [model.start_token_id, *ctx, *(sep if ctx else []), *p_ids]
-        rows.append(head + c_ids)
-        spans.append((len(head), len(head) + len(c_ids)))
-        starts.append(len(doc_ids) - len(ctx))
+    qa = [(tok(p, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"])
+          for p, c in zip(prompts, continuations)]
+    if any(not p or not c for p, c in qa):
+        raise ValueError("every prompt and continuation must tokenize to at least one token")
+    room = window - 1 - len(sep) - max(len(p) + len(c) for p, c in qa)
+    ctx = list(doc_ids[-room:]) if room > 0 else []
+    head = torch.tensor([[model.start_token_id, *ctx, *(sep if ctx else [])]], device=model.device)  # (1, P)
+    P = head.shape[1]
+    cache, head_mask, _ = model.decoder.prefill_plain(head)
     out = []
-    for lo in range(0, len(rows), max(1, batch_size)):
-        part, sp = rows[lo : lo + batch_size], spans[lo : lo + batch_size]
-        T = max(len(r) for r in part)
-        ids = torch.full((len(part), T), model.pad_token_id, dtype=torch.long)  # (b, T), right padded
-        mask = torch.zeros((len(part), T), dtype=torch.long)
-        for i, r in enumerate(part):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+    for lo in range(0, len(qa), max(1, batch_size)):
+        part = qa[lo : lo + batch_size]
+        b, T = len(part), max(len(p) + len(c) for p, c in part)
+        ids = torch.full((b, T), model.pad_token_id, dtype=torch.long)  # (b, T), right padded
+        mask = torch.zeros((b, T), dtype=torch.long)
+        for i, (p, c) in enumerate(part):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
-        logits = model.decode_logits(ids, mask, None).float()  # (b, T, V)
-        logp = torch.log_softmax(logits[:, :-1], -1)  # (b, T-1, V): position t predicts token t + 1
-        tgt = ids[:, 1:]  # (b, T-1)
-        lp = logp.gather(-1, tgt[..., None])[..., 0]  # (b, T-1)
-        for i, (s, e) in enumerate(sp):
-            out.append(-lp[i, s - 1 : e - 1].mean().cpu())
-    return torch.stack(out), starts
+        rows_cache = copy.deepcopy(cache)
+        rows_cache.batch_repeat_interleave(b)
+        full_mask = torch.cat([head_mask.expand(b, -1), mask], dim=1)  # (b, 1 + P + T)
+        positions = (P + torch.arange(T, device=model.device))[None].expand(b, T)  # (b, T)
+        latent = torch.zeros(b, model.config.latent_size, device=model.device, dtype=model.decoder.kv_proj.weight.dtype)
+        logits = model.decoder.step(ids, latent, full_mask, positions, rows_cache).float()  # (b, T, V)
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]  # (b, T-1): token t + 1
+        for i, (p, c) in enumerate(part):
+            out.append(-lp[i, len(p) - 1 : len(p) + len(c) - 1].mean().cpu())
+    return torch.stack(out), [len(doc_ids) - len(ctx)] * len(qa)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The evaluation
+
+
+def decoder_window(model: Any) -> int:
+    """The decoder's context window in tokens (its config's max_position_embeddings or n_positions)."""
+    cfg = model.decoder.model.config
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not n:
+        raise ValueError("the decoder's config names no window (max_position_embeddings / n_positions): pass --window")
+    return int(n)
 
 
 def _wins(model: Any, prompts: list[str], new: list[str], true: list[str], latent: Tensor | None,
@@ -306,7 +321,8 @@ def evaluate_longcontext(
     read_mode: str = "memory",
     seed: int = 0,
     batch_size: int = 32,
-    plain_batch_size: int = 2,
+    plain_batch_size: int = 16,
+    plain_sample: int = 0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One document of ``n_facts`` facts: Larimar's recall against the plain decoder's with a window.
 
@@ -322,7 +338,10 @@ def evaluate_longcontext(
         read_mode: "memory" or "nearest".
         seed: the document's layout.
         batch_size: rows per forward when scoring with memory.
-        plain_batch_size: rows per forward of the windowed plain decoder.
+        plain_batch_size: rows per forward of the windowed plain decoder, after its shared context.
+        plain_sample: ask the plain decoder only a seeded random sample of this many questions (0: all); each
+            costs a pass over the whole window. ``recall_plain`` is then over the sample, and
+            ``recall_on_plain_sample`` is Larimar's recall on the same questions.
 
     Returns:
         (``{n_facts, recall, recall_plain, recall_none, read_ms, ...}``, per-fact rows).
@@ -350,12 +369,17 @@ def evaluate_longcontext(
     except (NotImplementedError, TypeError, KeyError):  # a slow tokenizer: no offsets, no fact_in_window
         doc_ids, offsets = model.decoder_tokenizer(doc.text, add_special_tokens=False)["input_ids"], None
     char_at = [len(" ".join(doc.sentences[:i])) + (1 if i else 0) for i in doc.fact_positions]  # facts' first char
-    t0 = time.perf_counter()
-    nll, ctx_start = plain_window_nll(model, doc_ids, questions + questions, [" " + a.strip() for a in new + true],
-                                 window, plain_batch_size)
-    plain_ms = 1000.0 * (time.perf_counter() - t0) / len(questions)
     Q = len(questions)
-    ok_plain = [bool(nll[i] < nll[Q + i]) for i in range(Q)]
+    asked = sorted(random.Random(seed).sample(range(Q), plain_sample)) if 0 < plain_sample < Q else list(range(Q))
+    t0 = time.perf_counter()
+    qs = [questions[i] for i in asked]
+    nll, starts = plain_window_nll(model, doc_ids, qs + qs, [" " + x.strip() for x in [new[i] for i in asked]
+                                                               + [true[i] for i in asked]], window, plain_batch_size)
+    plain_ms = 1000.0 * (time.perf_counter() - t0) / len(asked)
+    ok_plain: list[bool | None] = [None] * Q
+    for j, i in enumerate(asked):
+        ok_plain[i] = bool(nll[j] < nll[len(asked) + j])
+    ctx_start = [starts[0]] * Q  # every question follows the same context
     rows = []
     for q, f in enumerate(doc.facts):
         home = doc.fact_positions[q]  # the fact's chunk
@@ -372,6 +396,7 @@ def evaluate_longcontext(
         return sum(vals) / len(vals) if vals else None
 
     summary = {"n_facts": n_facts, "recall": mean("success"), "recall_plain": mean("success_plain"),
+               "n_plain": len(asked), "recall_on_plain_sample": sum(ok_mem[i] for i in asked) / len(asked),
                "recall_none": mean("success_none"), "read_ms": read_ms, "plain_ms": plain_ms, "write_s": write_s,
                "n_sentences": len(chunks), "n_doc_tokens": len(doc_ids), "n_memories": len(hm.memories),
                "chunk_items": chunk_items or model.memory.config.num_slots, "window": window,
@@ -410,11 +435,14 @@ def run_longcontext(args: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f"no Wikipedia JSONL at {args.wiki}")
     records = load_records(args.data, "counterfact")
     lm, meta = load_editor(args)
+    args.window = args.window or decoder_window(lm.model)
+    if args.window < 16:
+        raise ValueError(f"--window must be at least 16 tokens, got {args.window}")
     results, cases = [], []
     for n in parse_ints(args.n_facts, "--n-facts"):
         s, rows = evaluate_longcontext(lm, records, iter_wikipedia_texts(args.wiki), n, args.filler_per_fact,
-                                       args.window, args.chunk_items, args.hierarchy, args.read_mode, args.seed or 0,
-                                       args.batch_size, args.plain_batch_size)
+                                       args.window, args.chunk_items or None, args.hierarchy, args.read_mode, args.seed or 0,
+                                       args.batch_size, args.plain_batch_size, args.plain_sample)
         logger.info("longcontext %d facts: %s", n, s)
         results.append(s)
         cases += rows
@@ -425,8 +453,8 @@ def run_longcontext(args: argparse.Namespace) -> dict[str, Any]:
                "filler_per_fact": args.filler_per_fact, "protocol": "recall = NLL(target_new) < NLL(target_true) "
                "after the question", "results": results, **meta}
     write_summary(d, summary)
-    cols = ["n_facts", "recall", "recall_plain", "recall_none", "facts_in_window", "right_memory", "read_ms",
-            "plain_ms", "n_sentences", "n_doc_tokens", "n_memories"]
+    cols = ["n_facts", "recall", "recall_plain", "n_plain", "recall_on_plain_sample", "recall_none",
+            "facts_in_window", "right_memory", "read_ms", "plain_ms", "n_sentences", "n_doc_tokens", "n_memories"]
     write_table(d / "summary.md", "long-context recall",
                 [f"Facts (CounterFact, target_new) in Wikipedia text, {args.filler_per_fact} filler sentences per "
                  f"fact; Larimar: sentence items in chunk memories of {results[0]['chunk_items']} items, hierarchy "
@@ -453,10 +481,17 @@ def add_longcontext_parser(esub: argparse._SubParsersAction) -> None:
                    help="Wikipedia JSONL of filler text (default: the shared validation file)")
     p.add_argument("--n-facts", default="64,128,256,512", help="facts per document, comma-separated")
     p.add_argument("--filler-per-fact", type=int, default=4, help="filler sentences per fact")
-    p.add_argument("--window", type=int, default=2048, help="the plain decoder's window (tokens)")
-    p.add_argument("--chunk-items", type=int, default=None, help="items per chunk memory (default: K)")
+    p.add_argument("--window", type=int, default=None,
+                   help="the plain decoder's window in tokens (default: its max_position_embeddings, 8192 for "
+                        "SmolLM2-135M)")
+    p.add_argument("--chunk-items", type=int, default=16,
+                   help="sentences per chunk memory (default 16: a read mixes every latent of its memory, and "
+                        "rewrite accuracy falls with the number of facts in one memory; 0: K)")
     p.add_argument("--hierarchy", choices=HIERARCHIES, default="scope")
-    p.add_argument("--plain-batch-size", type=int, default=2, help="rows per forward of the windowed decoder")
+    p.add_argument("--plain-sample", type=int, default=0,
+                   help="ask the plain decoder a seeded sample of this many questions per document (0: all)")
+    p.add_argument("--plain-batch-size", type=int, default=4,
+                   help="rows per forward after the shared context (each holds a copy of its KV cache)")
     add_model_args(p)
     p.set_defaults(func=lambda a: (run_longcontext(_with_default_data(a, cf)), 0)[1])
 

@@ -50,7 +50,7 @@ class MemoryConfig:
         obs_noise_var: s2, the explicit ridge of every write (absolute, in latent units squared). It must stay
             the same between a write and the forget that undoes it.
         read_ridge: relative ridge of the addressing solves (times the squared Frobenius norm of the matrix);
-            raised to 10 x the machine epsilon of the matrix's dtype when smaller.
+            raised to the rounding level of the matrix's dtype when smaller (`effective_ridge`).
         solver: "ridge" (default), "pinv" or "ben_israel".
         ben_israel_iters: iterations of the Ben-Israel-Cohen solver (None: enough for the ridge level).
         init_read_std: initial sigma_w of the sampled read (one learned value per slot).
@@ -100,8 +100,7 @@ def _gram_solve(A: Tensor, rhs: Tensor) -> Tensor:
 def ridge_lstsq(Y: Tensor, X: Tensor, lam: Tensor | float) -> Tensor:
     """Ridge least squares weights w (B, Q, R) with w X ~= Y, regularised by lam ||w||^2.
 
-    The Gram matrix is formed in the inputs' dtype (the ridge sits above its rounding error), factored once in
-    float64, and used twice: a ridge solve, then one step of iterative refinement on the residual (iterated
+    The Gram matrix is formed and factored in float64 (the ridge sits above its rounding error), and used twice: a ridge solve, then one step of iterative refinement on the residual (iterated
     Tikhonov), which shrinks the ridge's bias from lam / s^2 to (lam / s^2)^2 for a singular value s while
     directions far below the ridge (rounding noise) stay suppressed.
 
@@ -116,13 +115,13 @@ def ridge_lstsq(Y: Tensor, X: Tensor, lam: Tensor | float) -> Tensor:
     R, C = X.shape[-2], X.shape[-1]
     Xt = X.transpose(-1, -2)
     if R <= C:  # (R, R) Gram: w = Y X^T (X X^T + lam I)^-1
-        L = _cholesky((X @ Xt).double() + lam * torch.eye(R, dtype=torch.float64, device=Y.device))  # (B, R, R)
+        L = _cholesky(X.double() @ Xt.double() + lam * torch.eye(R, dtype=torch.float64, device=Y.device))  # (B, R, R)
 
         def solve(T: Tensor) -> Tensor:  # T (B, Q, C) -> (B, Q, R)
             return torch.cholesky_solve((X @ T.transpose(-1, -2)).double(), L).transpose(-1, -2).to(dtype)
 
     else:  # push-through identity on the (C, C) Gram: w = Y (X^T X + lam I)^-1 X^T
-        L = _cholesky((Xt @ X).double() + lam * torch.eye(C, dtype=torch.float64, device=Y.device))  # (B, C, C)
+        L = _cholesky(Xt.double() @ X.double() + lam * torch.eye(C, dtype=torch.float64, device=Y.device))  # (B, C, C)
 
         def solve(T: Tensor) -> Tensor:
             V = torch.cholesky_solve(T.transpose(-1, -2).double(), L).transpose(-1, -2)  # (B, Q, C)
@@ -153,8 +152,13 @@ def _sq_norm(X: Tensor) -> Tensor:
 
 
 def effective_ridge(dtype: torch.dtype, rel_ridge: float) -> float:
-    """The relative ridge actually used: at least 10 x the machine epsilon of the matrix's dtype."""
-    return max(rel_ridge, 10 * torch.finfo(dtype).eps)
+    """The relative ridge actually used, on squared singular values (times ||X||_F^2).
+
+    Two floors: 10 x float64's epsilon, the rounding of the float64 Gram matrix; and (10 x eps)^2 of the
+    matrix's own dtype, since its entries carry a relative rounding of eps, so singular values below about
+    10 eps ||X||_F are noise (float32: 1.4e-12; bfloat16: 6.1e-3).
+    """
+    return max(rel_ridge, 10 * torch.finfo(torch.float64).eps, (10 * torch.finfo(dtype).eps) ** 2)
 
 
 def solve_weights(Y: Tensor, X: Tensor, solver: str, rel_ridge: float, iters: int | None = None) -> Tensor:

@@ -382,6 +382,21 @@ class LatentDecoder(nn.Module):
                 m.gate = None
         return out.logits
 
+    def prefill_plain(self, input_ids: Tensor) -> tuple[DynamicCache, Tensor, Tensor]:
+        """Runs one context (1, P) through the plain decoder (z = 0), to continue many rows from it with `step`.
+
+        Returns:
+            the cache (repeat it over a batch with ``cache.batch_repeat_interleave(b)`` on a copy), its mask
+            (1, 1 + P) (slot, then the context) and the logits (1, P, V).
+        """
+        latent = self._check_latent(None, 1)  # (1, C) zeros
+        cache, slot_mask = self.latent_cache(latent)
+        P = input_ids.shape[1]
+        full_mask = torch.cat([slot_mask, torch.ones_like(input_ids)], dim=1)  # (1, 1 + P)
+        positions = torch.arange(P, device=input_ids.device)[None]  # (1, P)
+        logits = self.step(input_ids, latent, full_mask, positions, cache)
+        return cache, full_mask, logits
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, latent: Tensor | None = None) -> Tensor:
         """Logits of the decoder conditioned on latent.
 
@@ -894,11 +909,12 @@ class LarimarModel(nn.Module):
             return self.config.decoder_training == "full"
         return False
 
-    def saved_state_dict(self) -> dict[str, Tensor]:
-        """The tensors `save_pretrained` writes (tied weights once, under their first name)."""
+    def saved_state_dict(self, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The tensors `save_pretrained` writes (tied weights once, under their first name), taken from
+        ``state_dict`` when given (e.g. the full tensors gathered from an FSDP-sharded model), else the model's."""
         out: dict[str, Tensor] = {}
         seen: set[tuple[int, int, tuple[int, ...]]] = set()
-        for name, t in self.state_dict().items():
+        for name, t in (self.state_dict() if state_dict is None else state_dict).items():
             if not self._is_saved(name):
                 continue
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -909,7 +925,8 @@ class LarimarModel(nn.Module):
         return out
 
     def save_pretrained(
-        self, directory: str | Path, storage_dtype: torch.dtype | None = None, base_encoder: nn.Module | None = None
+        self, directory: str | Path, storage_dtype: torch.dtype | None = None, base_encoder: nn.Module | None = None,
+        state_dict: dict[str, Tensor] | None = None,
     ) -> None:
         """Writes ``config.json`` (naming the backbones) and ``model.safetensors`` (new / changed tensors only).
 
@@ -922,11 +939,12 @@ class LarimarModel(nn.Module):
                 it, the rows of the encoder's token-embedding matrix that training left exactly unchanged are not
                 stored (``NAME::rows`` and ``NAME::values`` hold the changed rows); on load they come from the
                 backbone. Fine-tuning touches only the rows of tokens it saw.
+            state_dict: the tensors to save instead of the model's own (the gathered weights of a sharded model).
         """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        tensors = self.saved_state_dict()
+        tensors = self.saved_state_dict(state_dict)
         if base_encoder is not None:
             key = _embedding_key(base_encoder)
             name = "encoder.model." + key

@@ -5,6 +5,7 @@ Launch::
     larimar train --config configs/smollm2_cpu.yaml                     # one process (CPU or one GPU)
     larimar train --config configs/smollm2_gpu.yaml --optim.lr 1e-4     # overrides: --section.key value
     torchrun --nproc_per_node 8 -m larimar.cli train --config ...        # one node, DDP (NCCL on GPU)
+    torchrun --nproc_per_node 8 -m larimar.cli train --config ... --parallel fsdp   # sharded (large decoders)
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m larimar.cli train --config ...
 
 Each step takes `batch_episodes` episodes of `episode_size` text blocks (split across processes under DDP),
@@ -135,6 +136,9 @@ class LossConfig:
     write_noise_std: float = 0.0
 
 
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; saved resolved into the run folder.
@@ -155,6 +159,10 @@ class TrainConfig:
         init_from: a model folder written by ``save_pretrained`` whose tensors initialise this run (e.g. to
             continue a frozen-decoder run with LoRA added); tensors it lacks keep their fresh init. A resumed
             run ignores it.
+        parallel: with several processes (torchrun): "ddp" (every rank holds the whole model) or "fsdp"
+            (`torch.distributed.fsdp.fully_shard` on each decoder layer and on the rest: parameters, gradients
+            and optimizer moments sharded over the ranks, for decoders that do not fit one GPU). FSDP runs save
+            the gathered weights at every checkpoint but do not resume (the optimizer state is not saved).
     """
 
     model: LarimarConfig = field(default_factory=LarimarConfig)
@@ -170,6 +178,11 @@ class TrainConfig:
     resume: bool = True
     threads: int = 0
     init_from: str | None = None
+    parallel: str = "ddp"
+
+    def __post_init__(self) -> None:
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -462,14 +475,22 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], scal
     opt.load_state_dict(sd)
 
 
-def save_checkpoint(folder: Path, model: LarimarModel, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    """Writes the trainable state, optimizer moments and progress atomically (temp folder, then rename)."""
+def save_checkpoint(folder: Path, model: LarimarModel, opt: torch.optim.Optimizer | None, meta: dict[str, Any],
+                    state_dict: dict[str, Tensor] | None = None) -> None:
+    """Writes the trainable state, optimizer moments and progress atomically (temp folder, then rename).
+
+    ``opt=None`` (FSDP) writes the weights (``state_dict``: the gathered full tensors) without the optimizer, and
+    marks the checkpoint as not resumable.
+    """
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp / "model")
-    opt_t, opt_s = _optimizer_tensors(opt)
-    save_file(opt_t, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**meta, "optimizer_scalars": opt_s}, indent=2))
+    model.save_pretrained(tmp / "model", state_dict=state_dict)
+    if opt is None:
+        (tmp / "state.json").write_text(json.dumps({**meta, "resumable": False}, indent=2))
+    else:
+        opt_t, opt_s = _optimizer_tensors(opt)
+        save_file(opt_t, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**meta, "optimizer_scalars": opt_s}, indent=2))
     rng = {"cpu": torch.get_rng_state()}
     if model.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(model.device)
@@ -520,6 +541,34 @@ def init_weights(model: LarimarModel, folder: Path) -> None:
     logger.info("initialised %d tensors from %s", len(tensors), folder)
 
 
+def decoder_blocks(model: LarimarModel) -> nn.ModuleList:
+    """The decoder's list of transformer layers (the `nn.ModuleList` with one entry per layer)."""
+    n = model.decoder.shape.num_layers
+    for module in model.decoder.model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"no ModuleList of {n} layers found in the decoder")
+
+
+def shard_fsdp(root: nn.Module, model: LarimarModel) -> None:
+    """FSDP2: each decoder layer is one unit (gathered for its forward / backward only), the root holds the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(root)
+    logger.info("FSDP: %d decoder layers and the root sharded", len(blocks))
+
+
+def _full_state(root: nn.Module) -> dict[str, Tensor]:
+    """The FSDP model's full tensors on CPU, on rank 0 (other ranks get {}); a collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in sd.items()}  # root is the _LossModule around the model
+
+
 def _dist_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment (1 process without it)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -566,6 +615,13 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     model.to(device).train()
     if cfg.init_from and not (cfg.resume and (out / "checkpoint" / "state.json").exists()):
         init_weights(model, Path(cfg.init_from))
+    fsdp = cfg.parallel == "fsdp" and world > 1
+    root: nn.Module = _LossModule(model, cfg.loss)
+    if fsdp:
+        if cfg.resume and (out / "checkpoint" / "state.json").exists():
+            raise ValueError(f"{out}/checkpoint exists, and parallel=fsdp does not resume: use a new out_dir, "
+                             "--resume false, or parallel=ddp")
+        shard_fsdp(root, model)  # before the optimizer: sharding replaces the parameters
     new_params = [p for n, p in model.named_parameters() if p.requires_grad and _is_new(n)]
     old_params = [p for n, p in model.named_parameters() if p.requires_grad and not _is_new(n)]
     groups = [{"params": new_params, "lr": cfg.optim.lr_new}]
@@ -580,6 +636,9 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     ckpt = out / "checkpoint"
     if cfg.resume and (ckpt / "state.json").exists():
         state = json.loads((ckpt / "state.json").read_text())
+        if state.get("resumable") is False:
+            raise ValueError(f"{ckpt} was written by an FSDP run without optimizer state and cannot be resumed; "
+                             "start from its weights with init_from instead")
         weights = load_file(str(ckpt / "model" / "model.safetensors"))
         missing = set(model.saved_state_dict()) - set(weights)
         if missing:
@@ -594,11 +653,11 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
                 torch.cuda.set_rng_state(rng["cuda"], device)
         logger.info("resumed from %s at step %d", ckpt, step)
 
-    ddp_module: nn.Module = _LossModule(model, cfg.loss)
-    if world > 1:
+    ddp_module: nn.Module = root
+    if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp_module = DistributedDataParallel(ddp_module, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_module = DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None)
 
     per_rank = cfg.optim.batch_episodes // (world * cfg.optim.grad_accum)
     if per_rank < 1 or per_rank * world * cfg.optim.grad_accum != cfg.optim.batch_episodes:
@@ -663,9 +722,11 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
                 flag = torch.tensor([1.0 if out_of_time else 0.0], device=device)
                 dist.all_reduce(flag)
                 out_of_time = bool(flag.item() > 0)
-            if is_main and (step % cfg.save_every == 0 or out_of_time or step == cfg.optim.steps):
-                save_checkpoint(ckpt, model, opt, {"step": step, "tokens_seen": tokens_seen,
-                                                   "episodes_seen": episodes_seen})
+            if step % cfg.save_every == 0 or out_of_time or step == cfg.optim.steps:
+                full = _full_state(root) if fsdp else None  # every rank takes part in the gather
+                if is_main:
+                    save_checkpoint(ckpt, model, None if fsdp else opt, {"step": step, "tokens_seen": tokens_seen,
+                                                                         "episodes_seen": episodes_seen}, full)
             if out_of_time:
                 logger.warning("max_minutes=%s reached at step %d: stopping", cfg.optim.max_minutes, step)
                 if is_main and metrics_f is not None and step % cfg.log_every:
@@ -675,8 +736,9 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
         bar.close()
         if metrics_f is not None:
             metrics_f.close()
+    full = _full_state(root) if fsdp else None
     if is_main:
-        model.save_pretrained(out / "model")
+        model.save_pretrained(out / "model", state_dict=full)
         plot_metrics(out / "metrics.jsonl", out / "loss.png")
     if world > 1:
         dist.barrier()
