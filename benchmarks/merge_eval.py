@@ -32,9 +32,9 @@ def main() -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="output folders of `larimar eval` (summary.json)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    shards = [(run, json.loads((run / "summary.json").read_text())) for run in args.runs]
     rows, seen, keys = [], set(), set()
-    for run in args.runs:
-        summary = json.loads((run / "summary.json").read_text())
+    for run, summary in shards:
         for s in summary:
             keys.add((s["data"], s["limit"], s["protocol"]))
             if s["method"] in seen:
@@ -48,15 +48,12 @@ def main() -> int:
     (args.out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLS) + " |" for r in rows]
-    ms = {r["method"]: r["edit_ms_median"] for r in rows}
-    if "larimar" in ms:
-        for shard in args.runs:  # speed-ups measured inside each shard, against its own larimar row
-            summary = json.loads((shard / "summary.json").read_text())
-            own = {s["method"]: s["edit_ms_median"] for s in summary}
-            for m, v in own.items():
-                if m not in ("larimar", "none") and "larimar" in own and own["larimar"]:
-                    lines.append(f"\n{m}: median edit {v:,.1f} ms vs larimar {own['larimar']:,.1f} ms in the same run "
-                                 f"({shard.name}): {v / own['larimar']:,.0f}x")
+    for shard, summary in shards:  # speed-ups measured inside each shard, against its own larimar row
+        own = {s["method"]: s["edit_ms_median"] for s in summary}
+        for m, v in own.items():
+            if m not in ("larimar", "none") and own.get("larimar"):
+                lines.append(f"\n{m}: median edit {v:,.1f} ms vs larimar {own['larimar']:,.1f} ms in the same run "
+                             f"({shard.name}): {v / own['larimar']:,.0f}x")
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -48,9 +48,11 @@ import itertools
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -231,6 +233,10 @@ class LarimarEditor:
         self.plain_cache = plain_cache  # shared z = 0 scores (see `editing.cached_plain_nll`)
         self.last_in_scope: list[bool] | None = None
 
+    @property
+    def device(self) -> torch.device:
+        return self.lm.model.device
+
     def reset(self) -> None:
         self.lm.reset()
 
@@ -268,6 +274,10 @@ class NoEditEditor:
         self.name = name
         self.plain_cache = plain_cache
         self.last_in_scope: list[bool] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def reset(self) -> None:
         pass
@@ -417,8 +427,6 @@ class PeakMemory:
         if self.kind == "cuda_allocated":
             return torch.cuda.memory_allocated() / 2**20
         if self.kind == "cpu_rss":
-            import os
-
             return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         import resource
 
@@ -429,8 +437,6 @@ class PeakMemory:
             self._max = max(self._max, self._now_mb())
 
     def __enter__(self) -> PeakMemory:
-        import threading
-
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self._start = self._max = self._now_mb()
