@@ -9,6 +9,7 @@ equal shards (DDP).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,8 @@ from larimar.backbones import load_decoder, load_encoder
 from larimar.cli import main
 from larimar.model import LarimarModel
 from larimar.training import (
-    TrainConfig, beta_schedule, build_model, collate, episode_stream, load_config, lr_factor, train,
+    OptimConfig, TrainConfig, beta_schedule, build_model, collate, episode_stream, load_config, lr_factor, prefetch,
+    scheduled_total, train,
 )
 
 EPISODE_SIZE = 4  # blocks per episode in the tiny config
@@ -187,6 +189,44 @@ def test_resume_equals_uninterrupted_run(assets, tmp_path, init_read_std, prefix
     _assert_same_tensors(*moments, rtol=1e-4, atol=1e-9)
 
 
+def test_prefetch_thread_gives_the_same_run(assets, tmp_path):
+    """Batches prepared ahead in a thread (data.prefetch) are the batches of the loop: same losses and weights."""
+
+    def cfg(out: Path, depth: int) -> TrainConfig:
+        return TrainConfig.from_dict(train_config_dict(
+            assets, out, model={"memory": {"num_slots": 8, "code_size": 16, "init_read_std": 1e-15}},
+            data={"prefix_query_prob": 0.5, "prefetch": depth},
+            optim={"steps": 4, "lr": 1e-2, "lr_new": 1e-2, "warmup_steps": 2}, loss={"beta_max": 0.0},
+        ))
+
+    train(cfg(tmp_path / "loop", 0))
+    train(cfg(tmp_path / "thread", 3))
+    rows_loop, rows_thread = _rows(tmp_path / "loop"), _rows(tmp_path / "thread")
+    assert [r["tokens_seen"] for r in rows_thread] == [r["tokens_seen"] for r in rows_loop]
+    for a, b in zip(rows_loop, rows_thread):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a, b)
+    _assert_same_tensors(_weights(tmp_path / "thread" / "model"), _weights(tmp_path / "loop" / "model"),
+                         rtol=1e-5, atol=1e-6)
+
+
+def test_prefetch_order_errors_and_close():
+    assert list(prefetch(iter(range(10)), 3)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise RuntimeError("bad record")
+
+    it = prefetch(failing(), 2)
+    assert next(it) == 1
+    with pytest.raises(RuntimeError, match="bad record"):
+        next(it)
+    endless = prefetch(itertools.count(), 2)
+    assert [next(endless) for _ in range(5)] == [0, 1, 2, 3, 4]
+    endless.close()  # stops the thread; nothing hangs
+    source = iter([1, 2])
+    assert prefetch(source, 0) is source
+
+
 # -- 3. config and schedules -------------------------------------------------------------------------------------
 
 
@@ -252,6 +292,21 @@ def test_beta_schedule_cycles():
     assert beta_schedule(80, 100, 0.0, 2) == 0.0
     assert beta_schedule(80, 100, 0.5, 0) == 0.0
     assert beta_schedule(3, 0, 0.5, 2) == 0.0
+
+
+def test_scheduled_total_follows_the_time_budget():
+    by_steps = OptimConfig(steps=1000, warmup_steps=10)
+    assert scheduled_total(500, 30.0, by_steps) == 1000
+    by_time = OptimConfig(steps=1000, warmup_steps=10, max_minutes=2.0, schedule="time")
+    assert scheduled_total(5, 1.0, by_time) == 1000  # warm-up: the bound
+    assert scheduled_total(100, 60.0, by_time) == 200  # half the budget gone at step 100: 200 steps in all
+    assert scheduled_total(100, 6.0, by_time) == 1000  # projected 2000: capped at steps
+    assert scheduled_total(100, 600.0, by_time) == 101  # past the budget: the schedule ends at this step
+    assert lr_factor(100, 10, scheduled_total(100, 600.0, by_time)) == pytest.approx(0.1, abs=1e-3)
+    with pytest.raises(ValueError, match="max_minutes"):
+        OptimConfig(schedule="time")
+    with pytest.raises(ValueError, match="schedule"):
+        OptimConfig(schedule="tokens")
 
 
 def test_lr_factor_warmup_then_cosine():

@@ -23,14 +23,16 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import shutil
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -39,6 +41,8 @@ from torch import Tensor, nn
 
 from larimar.data import iter_episodes, iter_sentences, iter_text_blocks, iter_wikipedia_texts
 from larimar.model import LarimarConfig, LarimarModel
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,8 @@ class DataConfig:
             only the tokens after the prefix (the answer after an edit's prompt), where the read-out must carry
             what the decoder cannot guess from the prompt.
         split_sentences: cut paragraphs into sentences before blocking (short, fact-like items).
+        prefetch: micro-batches prepared ahead by a background thread (0: prepared in the loop); the streaming
+            tokenization then overlaps the accelerator's work. The batches are the same either way.
         swap_prob: probability that an item becomes an edit-shaped counterfactual (`swap_names`): a name in it
             is replaced by a name from another item and the text cut after it; it is read back with the text
             before the name, and the loss scores the name alone.
@@ -78,8 +84,11 @@ class DataConfig:
     prefix_loss: str = "all"
     split_sentences: bool = False
     swap_prob: float = 0.0
+    prefetch: int = 0
 
     def __post_init__(self) -> None:
+        if self.prefetch < 0:
+            raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
         if self.prefix_loss not in ("all", "continuation"):
             raise ValueError(f"data.prefix_loss must be 'all' or 'continuation', got {self.prefix_loss!r}")
         if len(self.prefix_frac) != 2 or not 0.0 <= self.prefix_frac[0] <= self.prefix_frac[1] <= 1.0:
@@ -102,6 +111,9 @@ class OptimConfig:
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up, then cosine decay to 10 %.
         max_grad_norm: gradient clipping.
+        schedule: "steps" runs the learning-rate and KL schedules over ``steps``; "time" runs them over
+            ``max_minutes`` of wall time (a fixed time budget on hardware of unknown speed): the schedules' length
+            is the number of steps projected from the elapsed fraction of the budget, at most ``steps``.
     """
 
     steps: int = 1000
@@ -113,6 +125,13 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
+    schedule: str = "steps"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("steps", "time"):
+            raise ValueError(f"optim.schedule must be 'steps' or 'time', got {self.schedule!r}")
+        if self.schedule == "time" and self.max_minutes <= 0:
+            raise ValueError("optim.schedule 'time' needs optim.max_minutes > 0")
 
 
 @dataclass
@@ -282,6 +301,17 @@ def beta_schedule(step: int, total: int, beta_max: float, cycles: int) -> float:
     if t < 0.75:
         return beta_max * (t - 0.5) / 0.25
     return beta_max
+
+
+def scheduled_total(step: int, elapsed_s: float, cfg: "OptimConfig") -> int:
+    """Length of the learning-rate and KL schedules: ``cfg.steps``, or with ``schedule: time`` the step count
+    projected from the elapsed fraction of ``max_minutes`` (never below ``step + 1``, never above ``cfg.steps``)."""
+    if cfg.schedule != "time" or step < max(1, cfg.warmup_steps):
+        return cfg.steps
+    frac = elapsed_s / (60.0 * cfg.max_minutes)
+    if frac <= 0:
+        return cfg.steps
+    return max(step + 1, min(cfg.steps, round(step / frac)))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -668,6 +698,7 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     stream = episode_stream(cfg.data, model.decoder_tokenizer, cfg.seed)
     for _ in range(episodes_seen):  # resume: skip what was consumed
         next(stream)
+    batches = prefetch(_micro_batches(stream, model, cfg, step, per_rank, world, rank), cfg.data.prefetch)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     if is_main:  # on resume, drop rows logged after the checkpoint: those steps are run again
         _truncate_metrics(out / "metrics.jsonl", step)
@@ -678,19 +709,17 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     try:
         while step < cfg.optim.steps:
             t0 = time.perf_counter()
-            beta = beta_schedule(step, cfg.optim.steps, cfg.loss.beta_max, cfg.loss.beta_cycles)
-            f = lr_factor(step, cfg.optim.warmup_steps, cfg.optim.steps)
+            total = scheduled_total(step, t0 - t_start, cfg.optim)
+            beta = beta_schedule(step, total, cfg.loss.beta_max, cfg.loss.beta_cycles)
+            f = lr_factor(step, cfg.optim.warmup_steps, total)
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * f
             opt.zero_grad(set_to_none=True)
-            query_rng = random.Random(f"{cfg.seed}:{step}")  # this step's prefix-query draws, the same after a resume
             sums = {"loss": 0.0, "rec": 0.0, "ae": 0.0, "kl": 0.0, "lm": 0.0}
             step_tokens = 0
             for _ in range(cfg.optim.grad_accum):
-                global_eps = [next(stream) for _ in range(per_rank * world)]  # every rank reads the same stream
-                episodes = global_eps[rank * per_rank : (rank + 1) * per_rank]
-                episodes_seen += len(global_eps)
-                batch = collate(episodes, model, cfg.data, query_rng)
+                n_read, batch = next(batches)
+                episodes_seen += n_read
                 step_tokens += int(batch["dec_attention_mask"].sum())
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     losses = ddp_module(batch, beta)
@@ -729,10 +758,11 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
                                                                          "episodes_seen": episodes_seen}, full)
             if out_of_time:
                 logger.warning("max_minutes=%s reached at step %d: stopping", cfg.optim.max_minutes, step)
-                if is_main and metrics_f is not None and step % cfg.log_every:
+                if is_main and metrics_f is not None and step % cfg.log_every and step != 1:
                     metrics_f.write(json.dumps(last) + "\n")
                 break
     finally:
+        batches.close()
         bar.close()
         if metrics_f is not None:
             metrics_f.close()
@@ -743,6 +773,63 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     if world > 1:
         dist.barrier()
     return last
+
+
+def _micro_batches(stream: Iterator[list[Any]], model: LarimarModel, cfg: "TrainConfig", step: int, per_rank: int,
+                   world: int, rank: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """(episodes read from the stream, this rank's collated micro-batch), grad_accum per step from ``step`` on."""
+    while True:
+        query_rng = random.Random(f"{cfg.seed}:{step}")  # this step's prefix-query draws, the same after a resume
+        for _ in range(cfg.optim.grad_accum):
+            global_eps = [next(stream) for _ in range(per_rank * world)]  # every rank reads the same stream
+            yield len(global_eps), collate(global_eps[rank * per_rank : (rank + 1) * per_rank], model, cfg.data,
+                                           query_rng)
+        step += 1
+
+
+def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
+    """Iterates ``items`` in a background thread, ``depth`` ahead (``depth`` 0: ``items`` itself).
+
+    An exception in the thread is raised where the item would have been; closing the returned generator stops
+    the thread.
+    """
+    if depth <= 0:
+        return items
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for x in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", x), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer
+            q.put(("error", e))
+        else:
+            q.put(("end", None))
+
+    thread = threading.Thread(target=work, name="larimar-prefetch", daemon=True)
+    thread.start()
+
+    def consume() -> Iterator[T]:
+        try:
+            while True:
+                kind, x = q.get()
+                if kind == "error":
+                    raise x
+                if kind == "end":
+                    return
+                yield x
+        finally:
+            stop.set()
+
+    return consume()
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
