@@ -322,6 +322,31 @@ def test_loss_target_mask_scores_only_marked_tokens():
     assert not torch.isclose(got, full["rec"])
 
 
+def test_save_with_base_rounding_drops_rows_equal_to_the_rounded_base(tmp_path):
+    """A model trained from a float16 copy of the encoder: its untrained rows are the float16 rounding of the
+    base; with base_rounding they are not stored and load from the base exactly; trained rows are stored."""
+    model = tiny_model(train_encoder=True)
+    base = backbones()[0]
+    base_emb = base.get_input_embeddings().weight.detach()
+    emb = model.encoder.model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb.copy_(base_emb.half().float())  # every row float16-rounded, as after the trip in float16
+        emb[3] += 0.25  # one trained row
+    assert (emb != base_emb).any(-1).sum() > 1  # the rounding alone changes many rows
+    name = "encoder.model.embeddings.word_embeddings.weight"
+    model.save_pretrained(tmp_path / "strict", base_encoder=base)
+    assert len(load_file(str(tmp_path / "strict" / "model.safetensors"))[name + "::rows"]) > 1
+    model.save_pretrained(tmp_path / "rounded", base_encoder=base, base_rounding=torch.float16)
+    saved = load_file(str(tmp_path / "rounded" / "model.safetensors"))
+    assert saved[name + "::rows"].tolist() == [3]
+    enc, etok, dec, dtok = backbones()
+    back = LarimarModel.from_pretrained(tmp_path / "rounded", encoder=(enc, etok), decoder=(dec, dtok))
+    got = back.encoder.model.get_input_embeddings().weight
+    torch.testing.assert_close(got[3], emb[3], atol=0, rtol=0)
+    keep = torch.arange(len(got)) != 3
+    torch.testing.assert_close(got[keep], base_emb[keep], atol=0, rtol=0)  # the exact base, not its rounding
+
+
 def test_save_stores_only_changed_embedding_rows_against_the_base_encoder(tmp_path):
     model = tiny_model(train_encoder=True)
     emb = model.encoder.model.get_input_embeddings().weight

@@ -926,7 +926,7 @@ class LarimarModel(nn.Module):
 
     def save_pretrained(
         self, directory: str | Path, storage_dtype: torch.dtype | None = None, base_encoder: nn.Module | None = None,
-        state_dict: dict[str, Tensor] | None = None,
+        state_dict: dict[str, Tensor] | None = None, base_rounding: torch.dtype | None = None,
     ) -> None:
         """Writes ``config.json`` (naming the backbones) and ``model.safetensors`` (new / changed tensors only).
 
@@ -940,6 +940,9 @@ class LarimarModel(nn.Module):
                 stored (``NAME::rows`` and ``NAME::values`` hold the changed rows); on load they come from the
                 backbone. Fine-tuning touches only the rows of tokens it saw.
             state_dict: the tensors to save instead of the model's own (the gathered weights of a sharded model).
+            base_rounding: with ``base_encoder``, a row equal to the base row rounded to this dtype also counts as
+                unchanged (a model trained from a float16 copy of the backbone keeps float16-rounded values in
+                the rows it never trained); on load such rows come from the backbone exactly.
         """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -953,7 +956,10 @@ class LarimarModel(nn.Module):
                 if base.shape != tensors[name].shape:
                     raise ValueError(f"base_encoder's token embedding {tuple(base.shape)} does not match "
                                      f"{tuple(tensors[name].shape)}")
-                rows = (tensors[name] != base).any(-1).nonzero().flatten()  # (R,)
+                same = tensors[name] == base  # (V, H)
+                if base_rounding is not None:
+                    same |= tensors[name] == base.to(base_rounding).to(base.dtype)
+                rows = (~same).any(-1).nonzero().flatten()  # (R,)
                 weight = tensors.pop(name)
                 tensors[name + ROWS_SUFFIX], tensors[name + VALUES_SUFFIX] = rows, weight[rows].contiguous()
         if storage_dtype is not None:
