@@ -2,7 +2,11 @@
 # Builds the payload that scripts/gpu_session.sh unpacks on a lent GPU machine (no network there): wheels, the
 # SmolLM2 GGUF, MiniLM in float16, and the shared data it trains and evaluates on, as one tar stream split into
 # three parts of at most 60 MiB (.dev1/ .dev2/ .dev3/, each sent by its own call: a call carries at most 64 MiB).
-# Needs: the project's .venv (the backbone packages), and wheels in .dev/whl (see docs/training.md).
+# Needs: the project's .venv (the backbone packages), and the wheels in .dev/whl (both folders git-ignored via
+# .git/info/exclude), fetched here with:
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .dev/whl transformers==5.24.0 gguf==0.19.0 regex==2026.1.15
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 S=$(mktemp -d)

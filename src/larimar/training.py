@@ -303,7 +303,7 @@ def beta_schedule(step: int, total: int, beta_max: float, cycles: int) -> float:
     return beta_max
 
 
-def scheduled_total(step: int, elapsed_s: float, cfg: "OptimConfig") -> int:
+def scheduled_total(step: int, elapsed_s: float, cfg: OptimConfig) -> int:
     """Length of the learning-rate and KL schedules: ``cfg.steps``, or with ``schedule: time`` the step count
     projected from the elapsed fraction of ``max_minutes`` (never below ``step + 1``, never above ``cfg.steps``)."""
     if cfg.schedule != "time" or step < max(1, cfg.warmup_steps):
@@ -775,7 +775,7 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     return last
 
 
-def _micro_batches(stream: Iterator[list[Any]], model: LarimarModel, cfg: "TrainConfig", step: int, per_rank: int,
+def _micro_batches(stream: Iterator[list[Any]], model: LarimarModel, cfg: TrainConfig, step: int, per_rank: int,
                    world: int, rank: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
     """(episodes read from the stream, this rank's collated micro-batch), grad_accum per step from ``step`` on."""
     while True:
