@@ -174,6 +174,23 @@ def test_sequential_hf_editor_applies_one_request_at_a_time():
     assert grace_codebook(dec, hp.layer) is None and float(ed.score([p], [new])[0]) == pytest.approx(nll0, abs=1e-6)
 
 
+def test_sequential_hf_editor_keys_match_the_scoring_context():
+    # scoring prepends the start token: keys computed without it never match (GRACE then does nothing)
+    pytest.importorskip("larimar.baselines")
+    from larimar.baselines import load_hparams
+    from larimar.evaluation import HFBaselineEditor
+
+    _, _, dec, dtok = backbones(0)
+    base = HFBaselineEditor("grace", dec, dtok, load_hparams("grace", GRACE_TINY), start_token_id=dtok.eos_token_id)
+    ed = cap.SequentialHFEditor.from_editor(base)
+    r = load_zsre(ZSRE).records[0]
+    p, new = r.full_prompt, " " + r.target_new
+    nll0 = float(ed.score([p], [new])[0])
+    ed.edit([r])
+    assert float(ed.score([p], [new])[0]) < nll0 - 0.1
+    ed.reset()
+
+
 # -- 2. capacity ----------------------------------------------------------------------------------------------------
 
 
@@ -295,10 +312,13 @@ def test_hierarchical_read_picks_the_memory_of_the_nearest_sentence():
     hm = write_document(lm, chunks, chunk_items=3)
     assert len(hm.memories) == 3 and hm.group_of == [0, 0, 0, 1, 1, 1, 2, 2]
     questions = [f.full_prompt for f in _cf()]
-    z, nearest = read_document(lm, hm, questions, "scope")
+    z, nearest = read_document(lm, hm, questions, "scope")  # keyed: each sentence's key in its chunk memory
     assert z.shape == (3, 16) and nearest == [0, 1, 2]
     zq = lm.model.encode_texts(questions).float()
-    assert torch.allclose(z, hm.memories[0].read(zq).float(), atol=1e-5)
+    assert torch.allclose(z, hm.memories[0].read_keyed(["c0", "c1", "c2"], zq).float(), atol=1e-5)
+    zm, _ = read_document(lm, hm, questions, "scope", read_mode="memory")  # the question's latent
+    assert torch.allclose(zm, hm.memories[0].read(zq).float(), atol=1e-5)
+    assert not torch.allclose(zm, z, atol=1e-3)
     zr, _ = read_document(lm, hm, questions, "recursive")
     assert zr.shape == (3, 16) and torch.isfinite(zr).all()
     zn, _ = read_document(lm, hm, questions, "scope", read_mode="nearest")
@@ -418,11 +438,37 @@ def test_cli_sequential(tmp_path, capsys, checkpoint, with_capabilities):
     s2 = _files(out2, "sequential.png")
     assert s2["n_edits"] == 2 and "grace" in s2["baselines"]
     assert s2["edit_retention"] == s["edit_retention"]  # the same run
-    code = cli.main(["eval", "zsre", "--data", str(ZSRE), "--sequential", "--methods", "grace",
+    code = cli.main(["eval", "zsre", "--data", str(ZSRE), "--sequential", "--methods", "none",
                      "--checkpoint", str(checkpoint), "--out", str(tmp_path / "bad")])
-    assert code != 0 and "larimar" in capsys.readouterr().err
+    assert code != 0 and "larimar or a weight editor" in capsys.readouterr().err
     assert len((out / "cases.jsonl").read_text().splitlines()) == 4  # 2 facts x 2 methods
     assert "| grace |" in (out / "summary.md").read_text()
+    # a baseline alone, its curve plotted beside the earlier run's (--compare)
+    out3 = tmp_path / "seq_grace"
+    _run(["eval", "sequential", "--data", str(ZSRE), "--edits", "3", "--slots", "12", "--checkpoints", "1",
+          "--no-larimar", "--baselines", "grace", "--hparams", f"grace={GRACE_TINY}", "--compare", str(out),
+          *_common(checkpoint, out3)], capsys)
+    s3 = _files(out3, "sequential.png")
+    assert s3["method"] == "grace" and s3["n_edits"] == 3 and s3["compared_runs"] == [str(out)]
+    table = (out3 / "summary.md").read_text()
+    assert f"| larimar | keyed | {out} | 2 |" in table and f"| grace | - | {out} | 2 |" in table
+    assert "| grace | - | - | 3 |" in table
+    assert len((out3 / "cases.jsonl").read_text().splitlines()) == 3  # the compared runs' cases are not copied
+    # only the drawing of earlier runs: no model, no edits
+    out4 = tmp_path / "seq_all"
+    _run(["eval", "sequential", "--data", str(ZSRE), "--no-larimar", "--compare", str(out), "--compare", str(out3),
+          "--out", str(out4)], capsys)
+    s4 = _files(out4, "sequential.png", cases=False)
+    assert s4["task"] == "sequential_compare" and [r["method"] for r in s4["rows"]] == ["larimar", "grace", "grace"]
+    assert s4["rows"][2]["n_edits"] == 3 and s4["rows"][2]["edit_retention"] == s3["edit_retention"]
+    code = cli.main(["eval", "sequential", "--data", str(ZSRE), "--no-larimar", "--compare", str(out4),
+                     "--out", str(tmp_path / "d")])
+    assert code == 2 and "not the drawing" in capsys.readouterr().err
+    code = cli.main(["eval", "sequential", "--data", str(ZSRE), "--no-larimar", *_common(checkpoint, tmp_path / "b")])
+    assert code == 2 and "--no-larimar needs --baselines" in capsys.readouterr().err
+    code = cli.main(["eval", "sequential", "--data", str(ZSRE), "--compare", str(tmp_path / "nowhere"),
+                     *_common(checkpoint, tmp_path / "c")])
+    assert code == 2 and "--compare" in capsys.readouterr().err
 
 
 def test_cli_capacity_forget_leakage(tmp_path, capsys, checkpoint, with_capabilities):

@@ -79,6 +79,29 @@ def test_prompt_answer_scope_mode_scores_prompt_plus_candidate():
     assert in_scope_prompt[0] == in_scope_prompt[1]  # one decision per prompt
 
 
+def test_keyed_read_mode_addresses_the_memory_with_the_nearest_fact_key():
+    facts = [FACT, "messi plays the sport of tennis", "the river of paris is berlin"]
+    lm = tiny_larimar()  # keyed is the default
+    assert lm.read_mode == "keyed"
+    ids = lm.edit(facts)
+    latents, in_scope, _ = lm.read_latent([PROMPT, OTHER])
+    assert in_scope == [True, False]
+    with torch.no_grad():
+        zq = lm.model.encode_texts([PROMPT]).float()
+    torch.testing.assert_close(latents[:1], lm.memory.read_keyed([ids[0]], zq).float())
+    assert latents[1].abs().sum() == 0
+    paper = tiny_larimar(read_mode="memory")
+    paper.edit(facts)
+    z_paper, _, _ = paper.read_latent([PROMPT])
+    assert not torch.allclose(z_paper[0], latents[0], atol=1e-3)  # three facts: the two reads differ
+    one, one_paper = tiny_larimar(), tiny_larimar(read_mode="memory")
+    one.edit([FACT]), one_paper.edit([FACT])
+    # one fact: the keyed read is the paper's read
+    torch.testing.assert_close(one.read_latent([PROMPT])[0], one_paper.read_latent([PROMPT])[0], atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="read_mode"):
+        tiny_larimar(read_mode="projection")
+
+
 def test_nearest_read_mode_uses_the_nearest_fact_latent():
     lm = tiny_larimar(read_mode="nearest")
     ids = lm.edit([FACT, "messi plays the sport of tennis"])

@@ -211,6 +211,41 @@ def test_unknown_id_raises_key_error_and_changes_nothing():
     assert im.ids == ids
 
 
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 60), seed=st.integers(0, 10_000))
+def test_keyed_read_returns_each_item_even_past_the_code_size(n, seed):
+    # C = 8 and K = 64: from n = 8 on the query read returns the query itself; the keyed read still returns z_i
+    mem = make(K=64, C=8, obs_noise_var=1e-8)
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    im = ItemMemory(mem)
+    ids = [im.write(Z[i : i + 1])[0] for i in range(n)]
+    assert rel(im.read_keyed(ids).double(), Z) < 1e-5
+    q = Z + 0.3 * torch.randn(n, 8, generator=g, dtype=torch.float64)  # noisy queries
+    expected = ((q * Z).sum(-1, keepdim=True) / Z.pow(2).sum(-1, keepdim=True)) * Z  # projection on z_i alone
+    assert rel(im.read_keyed(ids, q), expected) < 1e-5
+    if n >= 8:
+        assert rel(im.read(q), q) < 1e-5  # the contrast: the span of the items is the whole latent space
+
+
+def test_keyed_read_of_one_item_equals_the_query_read_and_follows_forgetting():
+    mem = make(K=32, C=16)  # default s2 = 1: the read-out is a shrunk z, its direction exact
+    Z = torch.randn(5, 16, dtype=torch.float64)
+    im = ItemMemory(mem)
+    a = im.write(Z[:1])
+    q = Z[:1] + 0.5 * torch.randn(1, 16, dtype=torch.float64)
+    assert rel(im.read_keyed(a, q), im.read(q)) < 1e-6
+    rest = im.write(Z[1:])
+    im.forget(a)
+    with pytest.raises(KeyError, match="unknown"):
+        im.read_keyed(a)
+    ref = ItemMemory(mem)
+    ref.write(Z[1:], ids=rest)
+    assert rel(im.read_keyed(rest), ref.read_keyed(rest)) < 1e-8  # forgetting is exact for the keyed read too
+    with pytest.raises(ValueError, match="queries"):
+        im.read_keyed(rest, Z[:2])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     mem = make()

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from larimar.data import EditRequest
 from larimar.evaluation import Editor, HFBaselineEditor, LarimarEditor, NoEditEditor, machine_info
-from larimar.memory import EpisodicMemory, ItemMemory
+from larimar.memory import READ_MODES, EpisodicMemory, ItemMemory
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +223,8 @@ class SequentialHFEditor(HFBaselineEditor):
     def edit(self, requests: list[EditRequest]) -> None:
         from larimar.baselines import apply_method
 
-        self.model, handle = apply_method(self.method, self.model, self.tok, list(requests), self.hparams,
-                                          sequential=True)
+        requests = self._in_scoring_context(list(requests))  # keys in the context scoring uses (start token)
+        self.model, handle = apply_method(self.method, self.model, self.tok, requests, self.hparams, sequential=True)
         self._handles.append(handle)
         self.model.eval()
 
@@ -770,41 +770,77 @@ def _out(args: argparse.Namespace) -> Path:
 
 def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
     """``larimar eval sequential``."""
-    records = load_records(args.data, "zsre")
-    if len(records) < args.edits:
-        logger.warning("sequential: %d records loaded, fewer than --edits %d", len(records), args.edits)
-    records = records[: args.edits]
-    lm, meta = load_editor(args)
-    checkpoints = parse_ints(args.checkpoints, "--checkpoints")
-    kw = dict(checkpoints=checkpoints, batch_size=args.batch_size, exact_match_at_checkpoints=args.em_curve,
-              progress=True)
-    main = evaluate_sequential(LarimarEditor(lm), records, **kw)
-    results = [main]
-    for b in _baseline_editors(_names(args.baselines), lm, args):
-        results.append(evaluate_sequential(SequentialHFEditor.from_editor(b), records, **kw))
+    baselines = _names(args.baselines)
+    if args.no_larimar and not baselines and not args.compare:
+        raise ValueError("--no-larimar needs --baselines (or --compare, to only draw earlier runs together)")
+    compared = [_load_sequential_run(c) for c in args.compare or []]
+    draw_only = args.no_larimar and not baselines
+    if not draw_only:
+        records = load_records(args.data, "zsre")
+        if len(records) < args.edits:
+            logger.warning("sequential: %d records loaded, fewer than --edits %d", len(records), args.edits)
+        records = records[: args.edits]
     d = _out(args)
-    write_cases(d / "cases.jsonl", (c for r in results for c in r["cases"]))
-    summary = {"task": "sequential", "data": list(args.data), **{k: v for k, v in main.items() if k != "cases"},
-               "baselines": {r["method"]: {k: v for k, v in r.items() if k != "cases"} for r in results[1:]}, **meta}
+    if draw_only:  # only the table and plot of earlier runs
+        results: list[dict[str, Any]] = []
+        meta = {k: compared[0][0].get(k) for k in ("slots", "slot_init", "code_size", "read_mode")}
+        summary = {"task": "sequential_compare", "compared_runs": list(args.compare),
+                   "rows": [{**r, "run": run} for run, rows in zip(args.compare, compared) for r in rows]}
+    else:
+        lm, meta = load_editor(args)
+        checkpoints = parse_ints(args.checkpoints, "--checkpoints")
+        kw = dict(checkpoints=checkpoints, batch_size=args.batch_size, exact_match_at_checkpoints=args.em_curve,
+                  progress=True)
+        results = [] if args.no_larimar else [{**evaluate_sequential(LarimarEditor(lm), records, **kw),
+                                                "read_mode": meta["read_mode"]}]
+        for b in _baseline_editors(baselines, lm, args):
+            results.append(evaluate_sequential(SequentialHFEditor.from_editor(b), records, **kw))
+        main = results[0]
+        write_cases(d / "cases.jsonl", (c for r in results for c in r["cases"]))
+        summary = {"task": "sequential", "data": list(args.data), **{k: v for k, v in main.items() if k != "cases"},
+                   "baselines": {r["method"]: {k: v for k, v in r.items() if k != "cases"} for r in results[1:]},
+                   "compared_runs": list(args.compare or []), **meta}
     write_summary(d, summary)
-    cols = ["method", "n_edits", "edit_retention", "edit_retention_em", "rephrase_acc", "locality",
+    cols = ["method", "read_mode", "run", "n_edits", "edit_retention", "edit_retention_em", "rephrase_acc", "locality",
             "edit_retention_none", "rephrase_acc_none", "edit_ms_median"]
     notes = [f"Protocol token_acc (teacher-forced token accuracy; EM = greedy generation starts with target_new), "
-             f"evaluated after {main['evaluated_after']}; memory K = {meta['slots']} "
-             f"({meta['slot_init'] or 'as trained'})."]
+             f"evaluated after the last edit; memory K = {meta['slots']} ({meta['slot_init'] or 'as trained'}), "
+             f"read mode {meta['read_mode']}." + (" Rows with a run folder come from those earlier runs." if compared
+                                                   else "")]
     table = [{k: v for k, v in r.items() if k != "cases"} for r in results]
+    table += [{**r, "run": run} for run, rows in zip(args.compare or [], compared) for r in rows]
     write_table(d / "summary.md", f"sequential editing: {', '.join(args.data)}", notes, table, cols)
     series = {}
-    for r in results:
+    for r in table:
         xs = [p["n_edits"] for p in r["curve"]]
-        series[f"{r['method']} retention"] = (xs, [p["edit_retention"] for p in r["curve"]])
-        series[f"{r['method']} rephrase"] = (xs, [p["rephrase_acc"] for p in r["curve"]])
-    series["larimar retention (EM)"] = ([p["n_edits"] for p in main["curve"]],
-                                        [p["edit_retention_em"] for p in main["curve"]])
+        name = r["method"] + (f", {r['read_mode']} read" if r.get("read_mode") else "")
+        if f"{name} retention" in series:  # the same method from another run: name the run
+            name = f"{name} ({'/'.join(Path(r['run']).parts[-2:])})"
+        series[f"{name} retention"] = (xs, [p["edit_retention"] for p in r["curve"]])
+        series[f"{name} rephrase"] = (xs, [p["rephrase_acc"] for p in r["curve"]])
+    lar = [r for r in table if r["method"] == "larimar"]
+    if lar:
+        series["larimar retention (EM)"] = ([p["n_edits"] for p in lar[0]["curve"]],
+                                            [p["edit_retention_em"] for p in lar[0]["curve"]])
     plot_lines(d / "sequential.png", "Sequential editing (ZsRE)", "edits written", "accuracy (token_acc)", series,
                logx=True, vlines={"K": meta["slots"], "C": meta["code_size"]})
     print("\n".join(Path(d / "summary.md").read_text().splitlines()[4:]))
     return summary
+
+
+def _load_sequential_run(directory: str) -> list[dict[str, Any]]:
+    """The method rows (with their curves) of an earlier ``larimar eval sequential`` run folder."""
+    path = Path(directory) / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--compare {directory}: cannot read {path} ({e})") from None
+    if summary.get("task") == "sequential_compare":
+        raise ValueError(f"--compare {directory}: compare the runs it drew, not the drawing")
+    if summary.get("task") != "sequential" or "curve" not in summary:
+        raise ValueError(f"--compare {directory}: {path} is not the summary of a sequential run")
+    rows = [{k: v for k, v in summary.items() if k not in ("baselines", "machine")}]
+    return rows + list(summary.get("baselines", {}).values())
 
 
 def run_capacity(args: argparse.Namespace) -> dict[str, Any]:
@@ -928,7 +964,8 @@ def add_model_args(p: argparse.ArgumentParser, slots: int | None = None) -> None
     p.add_argument("--scope-encoder", default=None,
                    help="sentence-transformers folder (default: all-MiniLM-L6-v2) or 'larimar'")
     p.add_argument("--no-scope", action="store_true", help="read memory for every query (ablation)")
-    p.add_argument("--read-mode", choices=["memory", "nearest"], default="memory")
+    p.add_argument("--read-mode", choices=READ_MODES, default="keyed",
+                   help="keyed: the memory addressed with the nearest fact's key; memory: the paper's query read")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
 
@@ -949,6 +986,9 @@ def _register(esub: argparse._SubParsersAction) -> None:
                    help="numbers of edits to evaluate at (the last edit always)")
     p.add_argument("--em-curve", action="store_true", help="greedy exact match at every checkpoint too")
     p.add_argument("--baselines", default="", help="comma-separated: grace, memit, rome, ft (sequential mode)")
+    p.add_argument("--no-larimar", action="store_true", help="run only the --baselines")
+    p.add_argument("--compare", action="append", metavar="DIR",
+                   help="an earlier sequential run folder whose methods join the table and plot (repeatable)")
     hp_arg(p)
     add_model_args(p, slots=1000)
     p.set_defaults(func=lambda a: (run_sequential(a), 0)[1])

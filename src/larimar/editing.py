@@ -6,8 +6,13 @@ and a scope detector (`ScopeDetector`, all-MiniLM-L6-v2 by default) that sees th
 Query path (`Larimar.read_latent`), per prompt:
     1. scope: the prompt's nearest written fact by sentence-embedding cosine (per sentence of the prompt);
        below ``scope_threshold`` the prompt is out of scope and decodes with z = 0 (exactly the plain decoder);
-    2. in scope: z_q = encode(prompt), z = ItemMemory.read(z_q) (``read_mode="memory"``, the paper) or the latent
-       of the nearest written fact (``read_mode="nearest"``, an ablation);
+    2. in scope: z_q = encode(prompt) and
+       - ``read_mode="memory"`` (the paper's read): z = ItemMemory.read(z_q), the projection of z_q on the span of
+         every written latent; right for one fact, but with N >= C facts it returns z_q itself;
+       - ``read_mode="keyed"``: z = ItemMemory.read_keyed(nearest, z_q), the memory addressed with the stored key
+         of the nearest fact, projected as in a one-fact memory: the paper's read, located by the scope detector,
+         for memories of many facts;
+       - ``read_mode="nearest"`` (an ablation that bypasses the memory): the stored latent of the nearest fact;
     3. decode conditioned on z.
 `score` can instead decide scope on "prompt + candidate answer" (``scope_mode="prompt_answer"``, the paper's
 reference code), one decision per candidate.
@@ -50,7 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from larimar.data import EditRequest, template_problem, validate_request
-from larimar.memory import ItemMemory, MemoryConfig
+from larimar.memory import READ_MODES, ItemMemory, MemoryConfig
 from larimar.model import LarimarModel
 from larimar.scope import ScopeDetector
 
@@ -58,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default"
 MAX_TEXT_CHARS = 4000
-READ_MODES = ("memory", "nearest")
 SCOPE_MODES = ("prompt", "prompt_answer")
 MEMORY_FORMAT = "larimar-memory"
 MEMORY_VERSION = 1
@@ -306,8 +310,8 @@ class Larimar:
         scope_mode: how `score` decides scope: "prompt" (the prompt alone; the default everywhere) or
             "prompt_answer" (prompt + candidate, the paper's reference).
         use_scope: False reads memory for every query (the paper's "no scope detector" ablation).
-        read_mode: "memory" (read-out of the memory, the method) or "nearest" (the latent of the nearest
-            written fact by scope similarity, an ablation).
+        read_mode: "memory" (the query-addressed read of the paper), "keyed" (the memory addressed with the key of
+            the nearest written fact by scope similarity) or "nearest" (that fact's stored latent, an ablation).
         max_chars: the longest fact or prompt accepted (characters).
         fingerprint: the checkpoint fingerprint saved memories are tied to (default:
             `larimar.backbones.model_fingerprint` of the model, computed on first use).
@@ -323,7 +327,7 @@ class Larimar:
         scope_threshold: float = 0.6,
         scope_mode: str = "prompt",
         use_scope: bool = True,
-        read_mode: str = "memory",
+        read_mode: str = "keyed",
         max_chars: int = MAX_TEXT_CHARS,
         fingerprint: str | None = None,
     ) -> None:
@@ -507,7 +511,7 @@ class Larimar:
         latents = torch.zeros(Q, C, dtype=torch.float32, device=self.model.device)  # (Q, C)
         if len(memory) == 0:
             return Routing(latents, [False] * Q, torch.full((Q,), float("-inf")), [None] * Q)
-        if self.use_scope or self.read_mode == "nearest":
+        if self.use_scope or self.read_mode != "memory":
             sims, nearest = scope.with_mode(scope_mode).score(queries)  # (Q,)
         else:
             sims, nearest = torch.full((Q,), float("nan")), [None] * Q
@@ -518,8 +522,11 @@ class Larimar:
                 z = torch.stack([memory.latent(nearest[q]) for q in rows]).float()  # (R, C)
             else:
                 texts = encode if encode is not None else queries
-                zq = self.model.encode_texts([texts[q] for q in rows])  # (R, C)
-                z = memory.read(zq.to(memory.device, torch.float32)).float()  # (R, C)
+                zq = self.model.encode_texts([texts[q] for q in rows]).to(memory.device, torch.float32)  # (R, C)
+                if self.read_mode == "keyed":  # the memory addressed with the nearest fact's key
+                    z = memory.read_keyed([nearest[q] for q in rows], zq).float()  # (R, C)
+                else:
+                    z = memory.read(zq).float()  # (R, C)
             latents[rows] = z.to(latents.device)
         return Routing(latents, in_scope, sims, list(nearest))
 

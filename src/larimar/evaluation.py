@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from larimar.data import EditRequest
+from larimar.memory import READ_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -1020,13 +1021,14 @@ def _cmd_edit_eval(args: argparse.Namespace, task: str) -> int:
     from larimar.capabilities import run_sequential
 
     methods = [m.strip() for m in (args.methods or args.method).split(",") if m.strip()]
-    if "larimar" not in methods:
-        raise ValueError("--sequential always runs larimar; add baselines with --methods larimar,grace,memit,...")
+    baselines = [m for m in methods if m not in ("larimar", "none")]
+    if "larimar" not in methods and not baselines:
+        raise ValueError("--sequential needs larimar or a weight editor in --methods (larimar,grace,memit,...)")
     if args.limit is not None:
         raise ValueError("--sequential takes --edits N, not --limit")
     seq = argparse.Namespace(
         data=[args.data], edits=args.edits, checkpoints=args.checkpoints, em_curve=False,
-        baselines=",".join(m for m in methods if m not in ("larimar", "none")), hparams=args.hparams,
+        baselines=",".join(baselines), no_larimar="larimar" not in methods, compare=None, hparams=args.hparams,
         out=args.out, checkpoint=args.checkpoint, device=args.device, slots=args.slots, slot_init="random",
         scope_threshold=args.scope_threshold, scope_encoder=args.scope_encoder, no_scope=args.no_scope,
         read_mode=args.read_mode, batch_size=32, seed=args.seed,
@@ -1167,7 +1169,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         e.add_argument("--scope-encoder", default=None,
                        help="sentence-transformers folder (default: all-MiniLM-L6-v2) or 'larimar'")
         e.add_argument("--no-scope", action="store_true", help="read memory for every query (ablation)")
-        e.add_argument("--read-mode", choices=["memory", "nearest"], default="memory")
+        e.add_argument("--read-mode", choices=READ_MODES, default="keyed",
+                       help="keyed: the memory addressed with the nearest fact's key; memory: the paper's query read")
         e.add_argument("--gen-tokens", type=int, default=10, help="pre / post-edit greedy generation length (0: off)")
         e.add_argument("--detail-every", type=int, default=1,
                        help="generate and time queries on every k-th record only (scores: every record)")

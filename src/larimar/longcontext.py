@@ -14,7 +14,8 @@ memories. A question is answered from
 one latent, chosen hierarchically:
 
     scope      (default) the chunk memory holding the sentence nearest to the question (scope encoder cosine, per
-               sentence of the question) is read with the question's latent: z = M_g read(e(question));
+               sentence of the question) is read with the question's latent: z = M_g read(e(question)), or with
+               ``read_mode="keyed"`` (the default) addressed with that sentence's key: z = M_g read_keyed(s, e(q));
     recursive  every chunk memory is read with the question's latent, the G read-outs are written into a top-level
                memory and that memory is read again with the question's latent (the paper's recursive read);
     nearest    (``read_mode="nearest"``, an ablation) the latent of the nearest sentence itself.
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 
 from larimar.data import EditRequest
-from larimar.memory import ItemMemory
+from larimar.memory import READ_MODES, ItemMemory
 from larimar.scope import ScopeDetector, split_sentences
 
 logger = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def write_document(lm: Any, chunks: Sequence[str], chunk_items: int | None = Non
 
 @torch.inference_mode()
 def read_document(lm: Any, hm: HierarchicalMemory, questions: Sequence[str], hierarchy: str = "scope",
-                  read_mode: str = "memory") -> tuple[Tensor, list[int]]:
+                  read_mode: str = "keyed") -> tuple[Tensor, list[int]]:
     """Latents (Q, C) answering questions from a written document, and the chunk index nearest to each question.
 
     Args:
@@ -198,15 +199,16 @@ def read_document(lm: Any, hm: HierarchicalMemory, questions: Sequence[str], hie
         hm: the written document.
         questions: Q questions.
         hierarchy: "scope" or "recursive" (see the module docstring).
-        read_mode: "memory" or "nearest" (the nearest item's latent).
+        read_mode: "keyed" (the chunk memory addressed with the nearest sentence's key), "memory" (read with the
+            question's latent) or "nearest" (the nearest item's latent). "recursive" reads with the question's latent.
 
     Raises:
         ValueError: unknown hierarchy or read mode.
     """
     if hierarchy not in HIERARCHIES:
         raise ValueError(f"hierarchy must be one of {HIERARCHIES}, got {hierarchy!r}")
-    if read_mode not in ("memory", "nearest"):
-        raise ValueError(f"read_mode must be 'memory' or 'nearest', got {read_mode!r}")
+    if read_mode not in READ_MODES:
+        raise ValueError(f"read_mode must be one of {READ_MODES}, got {read_mode!r}")
     questions = list(questions)
     _, nearest_ids = hm.scope.score(questions)
     nearest = [int(str(i)[1:]) for i in nearest_ids]  # chunk indices
@@ -217,7 +219,9 @@ def read_document(lm: Any, hm: HierarchicalMemory, questions: Sequence[str], hie
         z = torch.zeros_like(zq)  # (Q, C)
         for g, m in enumerate(hm.memories):
             rows = [q for q, c in enumerate(nearest) if hm.group_of[c] == g]
-            if rows:
+            if rows and read_mode == "keyed":
+                z[rows] = m.read_keyed([f"c{nearest[q]}" for q in rows], zq[rows]).float().cpu()  # (R, C)
+            elif rows:
                 z[rows] = m.read(zq[rows]).float().cpu()  # (R, C)
         return z, nearest
     reads = torch.stack([m.read(zq).float().cpu() for m in hm.memories], 1)  # (Q, G, C)
@@ -318,7 +322,7 @@ def evaluate_longcontext(
     window: int = 2048,
     chunk_items: int | None = None,
     hierarchy: str = "scope",
-    read_mode: str = "memory",
+    read_mode: str = "keyed",
     seed: int = 0,
     batch_size: int = 32,
     plain_batch_size: int = 16,
@@ -335,7 +339,7 @@ def evaluate_longcontext(
         window: the plain decoder's window (tokens).
         chunk_items: items per chunk memory (default: K).
         hierarchy: "scope" or "recursive".
-        read_mode: "memory" or "nearest".
+        read_mode: "keyed", "memory" or "nearest".
         seed: the document's layout.
         batch_size: rows per forward when scoring with memory.
         plain_batch_size: rows per forward of the windowed plain decoder, after its shared context.

@@ -38,6 +38,9 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 SOLVERS = ("ridge", "pinv", "ben_israel")
+READ_MODES = ("keyed", "memory", "nearest")
+"""How a memory of items is read for a query: `ItemMemory.read_keyed` at the nearest item (default), `ItemMemory.read`
+with the query's latent (the paper), or the nearest item's stored latent (an ablation that bypasses the memory)."""
 
 
 @dataclass
@@ -459,6 +462,43 @@ class ItemMemory:
         cfg = self.config
         w = solve_weights(Zq_[None], self.M[None], cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)[0]  # (Q, K)
         return (w @ self.M).to(Zq.dtype)
+
+    def read_keyed(self, ids: list[str], Zq: Tensor | None = None) -> Tensor:
+        """Keyed read: the memory addressed with the stored keys of items ``ids``.
+
+        The read-out r_i = w_i M (Q, C) equals the written latent z_i up to the ridge s2 (the keys span the
+        written latents' space, so W M = Z in the limit s2 -> 0, for any number of items). With queries Zq (Q, C)
+        the result is the projection of each query on its item's read-out, (z_q . r_i / |r_i|^2) r_i: the paper's
+        read of a memory holding that one item. This is how a memory of many facts is read when a scope detector
+        names the fact (``read_mode="keyed"`` in `larimar.editing`); the query-addressed `read` returns the
+        projection on the span of every written latent, which is the query itself once N >= C.
+
+        Args:
+            ids: Q item ids (repeats allowed).
+            Zq: optional query latents (Q, C).
+
+        Returns:
+            (Q, C) in Zq's dtype (float32 without Zq).
+
+        Raises:
+            KeyError: an unknown id.
+            ValueError: Zq of the wrong shape.
+        """
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        missing = [i for i in ids if i not in self._w]
+        if missing:
+            raise KeyError(f"unknown memory item id(s): {missing[:5]}")
+        if not ids:
+            raise ValueError("ids must not be empty")
+        W = torch.stack([self._w[i] for i in ids])  # (Q, K)
+        R = W @ self.M  # (Q, C)
+        if Zq is None:
+            return R.float()
+        Zq_ = self._as_items(Zq)
+        if Zq_.shape[0] != len(ids):
+            raise ValueError(f"got {Zq_.shape[0]} queries for {len(ids)} ids")
+        scale = (Zq_ * R).sum(-1, keepdim=True) / R.pow(2).sum(-1, keepdim=True).clamp_min(1e-300)  # (Q, 1)
+        return (scale * R).to(Zq.dtype)
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Tensors of the full state (for safetensors): M, U, M_ref, item latents Z (n, C) and keys W (n, K)."""
