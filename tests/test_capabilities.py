@@ -461,6 +461,7 @@ def test_cli_sequential(tmp_path, capsys, checkpoint, with_capabilities):
     s4 = _files(out4, "sequential.png", cases=False)
     assert s4["task"] == "sequential_compare" and [r["method"] for r in s4["rows"]] == ["larimar", "grace", "grace"]
     assert s4["rows"][2]["n_edits"] == 3 and s4["rows"][2]["edit_retention"] == s3["edit_retention"]
+    assert s4["rows"][0]["read_mode"] == "keyed" and "read_mode" not in s4["rows"][2]  # grace has no read mode
     code = cli.main(["eval", "sequential", "--data", str(ZSRE), "--no-larimar", "--compare", str(out4),
                      "--out", str(tmp_path / "d")])
     assert code == 2 and "not the drawing" in capsys.readouterr().err

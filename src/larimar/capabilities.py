@@ -839,8 +839,10 @@ def _load_sequential_run(directory: str) -> list[dict[str, Any]]:
         raise ValueError(f"--compare {directory}: compare the runs it drew, not the drawing")
     if summary.get("task") != "sequential" or "curve" not in summary:
         raise ValueError(f"--compare {directory}: {path} is not the summary of a sequential run")
-    rows = [{k: v for k, v in summary.items() if k not in ("baselines", "machine")}]
-    return rows + list(summary.get("baselines", {}).values())
+    main = {k: v for k, v in summary.items() if k not in ("baselines", "machine")}
+    if main.get("method") != "larimar":  # a run of baselines alone: its read mode is the unused editor's
+        main.pop("read_mode", None)
+    return [main, *summary.get("baselines", {}).values()]
 
 
 def run_capacity(args: argparse.Namespace) -> dict[str, Any]:
