@@ -773,7 +773,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
     baselines = _names(args.baselines)
     if args.no_larimar and not baselines and not args.compare:
         raise ValueError("--no-larimar needs --baselines (or --compare, to only draw earlier runs together)")
-    compared = [_load_sequential_run(c) for c in args.compare or []]
+    compared = [row for c in args.compare or [] for row in _load_sequential_run(c)]  # rows tagged with "run"
     draw_only = args.no_larimar and not baselines
     if not draw_only:
         records = load_records(args.data, "zsre")
@@ -783,9 +783,8 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
     d = _out(args)
     if draw_only:  # only the table and plot of earlier runs
         results: list[dict[str, Any]] = []
-        meta = {k: compared[0][0].get(k) for k in ("slots", "slot_init", "code_size", "read_mode")}
-        summary = {"task": "sequential_compare", "compared_runs": list(args.compare),
-                   "rows": [{**r, "run": run} for run, rows in zip(args.compare, compared) for r in rows]}
+        meta = {k: compared[0].get(k) for k in ("slots", "slot_init", "code_size", "read_mode")}
+        summary = {"task": "sequential_compare", "compared_runs": list(args.compare), "rows": compared}
     else:
         lm, meta = load_editor(args)
         checkpoints = parse_ints(args.checkpoints, "--checkpoints")
@@ -807,8 +806,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
              f"evaluated after the last edit; memory K = {meta['slots']} ({meta['slot_init'] or 'as trained'}), "
              f"read mode {meta['read_mode']}." + (" Rows with a run folder come from those earlier runs." if compared
                                                    else "")]
-    table = [{k: v for k, v in r.items() if k != "cases"} for r in results]
-    table += [{**r, "run": run} for run, rows in zip(args.compare or [], compared) for r in rows]
+    table = [{k: v for k, v in r.items() if k != "cases"} for r in results] + compared
     write_table(d / "summary.md", f"sequential editing: {', '.join(args.data)}", notes, table, cols)
     series = {}
     for r in table:
@@ -829,7 +827,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_sequential_run(directory: str) -> list[dict[str, Any]]:
-    """The method rows (with their curves) of an earlier ``larimar eval sequential`` run folder."""
+    """The method rows (with their curves, ``run`` = the folder) of an earlier ``larimar eval sequential`` run."""
     path = Path(directory) / "summary.json"
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
@@ -842,7 +840,7 @@ def _load_sequential_run(directory: str) -> list[dict[str, Any]]:
     main = {k: v for k, v in summary.items() if k not in ("baselines", "machine")}
     if main.get("method") != "larimar":  # a run of baselines alone: its read mode is the unused editor's
         main.pop("read_mode", None)
-    return [main, *summary.get("baselines", {}).values()]
+    return [{**r, "run": directory} for r in (main, *summary.get("baselines", {}).values())]
 
 
 def run_capacity(args: argparse.Namespace) -> dict[str, Any]:
