@@ -29,7 +29,7 @@ from larimar.backbones import load_decoder, load_encoder
 from larimar.cli import main
 from larimar.model import LarimarModel
 from larimar.training import (
-    OptimConfig, TrainConfig, beta_schedule, build_model, collate, episode_stream, load_config, lr_factor, prefetch,
+    DataConfig, OptimConfig, TrainConfig, beta_schedule, build_model, collate, episode_stream, load_config, lr_factor, prefetch,
     scheduled_total, train,
 )
 
@@ -189,24 +189,80 @@ def test_resume_equals_uninterrupted_run(assets, tmp_path, init_read_std, prefix
     _assert_same_tensors(*moments, rtol=1e-4, atol=1e-9)
 
 
-def test_prefetch_thread_gives_the_same_run(assets, tmp_path):
-    """Batches prepared ahead in a thread (data.prefetch) are the batches of the loop: same losses and weights."""
+def test_prefetch_thread_and_worker_process_give_the_same_run(assets, tmp_path):
+    """Batches prepared ahead in a thread (data.prefetch) or in a worker process (data.workers) are the batches
+    of the loop: same losses and weights."""
 
-    def cfg(out: Path, depth: int) -> TrainConfig:
+    def cfg(out: Path, depth: int, workers: int = 0) -> TrainConfig:
         return TrainConfig.from_dict(train_config_dict(
             assets, out, model={"memory": {"num_slots": 8, "code_size": 16, "init_read_std": 1e-15}},
-            data={"prefix_query_prob": 0.5, "prefetch": depth},
+            data={"prefix_query_prob": 0.5, "swap_prob": 0.5, "prefetch": depth, "workers": workers},
             optim={"steps": 4, "lr": 1e-2, "lr_new": 1e-2, "warmup_steps": 2}, loss={"beta_max": 0.0},
         ))
 
     train(cfg(tmp_path / "loop", 0))
-    train(cfg(tmp_path / "thread", 3))
-    rows_loop, rows_thread = _rows(tmp_path / "loop"), _rows(tmp_path / "thread")
-    assert [r["tokens_seen"] for r in rows_thread] == [r["tokens_seen"] for r in rows_loop]
-    for a, b in zip(rows_loop, rows_thread):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a, b)
-    _assert_same_tensors(_weights(tmp_path / "thread" / "model"), _weights(tmp_path / "loop" / "model"),
-                         rtol=1e-5, atol=1e-6)
+    rows_loop = _rows(tmp_path / "loop")
+    for name, depth, workers in (("thread", 3, 0), ("worker", 2, 1)):
+        train(cfg(tmp_path / name, depth, workers))
+        rows = _rows(tmp_path / name)
+        assert [r["tokens_seen"] for r in rows] == [r["tokens_seen"] for r in rows_loop], name
+        assert all(r["data_wait_s"] >= 0 and r["step_s"] > 0 for r in rows)
+        for a, b in zip(rows_loop, rows):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (name, a, b)
+        _assert_same_tensors(_weights(tmp_path / name / "model"), _weights(tmp_path / "loop" / "model"),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_data_workers_config_check():
+    with pytest.raises(ValueError, match="data.workers"):
+        DataConfig(workers=-1)
+
+
+def test_episode_stream_shards_split_the_paragraphs(assets):
+    """Shard k of N streams the paragraphs i with i mod N == k: the shards are disjoint and cover the text."""
+    from larimar.data import iter_wikipedia_texts
+
+    cfg = DataConfig(train_path=str(assets / "train.jsonl"), block_tokens=BLOCK_WORDS, min_tokens=1, episode_size=1,
+                     shuffle_buffer=1)
+    tok = _WordTokenizer()  # one id per word: each paragraph (BLOCK_WORDS words) is one block
+    n_paragraphs = sum(1 for _ in iter_wikipedia_texts(cfg.train_path))
+
+    def first_pass(shard: int, shards: int) -> list[str]:
+        stream = episode_stream(cfg, tok, 0, shard, shards)
+        return [next(stream)[0].text for _ in range(len(range(shard, n_paragraphs, shards)))]
+
+    whole = first_pass(0, 1)
+    parts = [first_pass(k, 3) for k in range(3)]
+    assert sorted(t for p in parts for t in p) == sorted(whole)
+    assert all(not set(parts[a]) & set(parts[b]) for a, b in ((0, 1), (0, 2), (1, 2)))
+    with pytest.raises(ValueError, match="shard"):
+        next(episode_stream(cfg, tok, 0, 3, 3))
+
+
+def test_sharded_workers_run_is_fixed_and_resumes(assets, tmp_path):
+    """data.workers = 2: the same run twice, and 3 steps + a resume to 6 (the resume starts at micro-batch 3,
+    shard 1: worker 0 takes shard 1) equals 6 steps in one go."""
+
+    def cfg(out: Path, steps: int) -> TrainConfig:
+        return TrainConfig.from_dict(train_config_dict(
+            assets, out, save_every=3,
+            model={"memory": {"num_slots": 8, "code_size": 16, "init_read_std": 1e-15}},
+            data={"prefix_query_prob": 0.5, "workers": 2},
+            optim={"steps": steps, "lr": 1e-2, "lr_new": 1e-2, "warmup_steps": 100}, loss={"beta_max": 0.0},
+        ))
+
+    train(cfg(tmp_path / "whole", 6))
+    train(cfg(tmp_path / "again", 6))
+    train(cfg(tmp_path / "parts", 3))
+    train(cfg(tmp_path / "parts", 6))
+    whole = _rows(tmp_path / "whole")
+    for name in ("again", "parts"):
+        rows = _rows(tmp_path / name)
+        assert [r["step"] for r in rows] == list(range(1, 7)), name
+        for a, b in zip(whole, rows):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (name, a, b)
+        _assert_same_tensors(_weights(tmp_path / name / "model"), _weights(tmp_path / "whole" / "model"),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_prefetch_order_errors_and_close():

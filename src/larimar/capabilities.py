@@ -55,8 +55,8 @@ import torch
 from torch import Tensor
 
 from larimar.data import EditRequest
-from larimar.evaluation import Editor, HFBaselineEditor, LarimarEditor, NoEditEditor, machine_info
-from larimar.memory import READ_MODES, EpisodicMemory, ItemMemory
+from larimar.evaluation import Editor, HFBaselineEditor, LarimarEditor, NoEditEditor, add_read_args, machine_info
+from larimar.memory import EpisodicMemory, ItemMemory
 
 logger = logging.getLogger(__name__)
 
@@ -960,12 +960,7 @@ def add_model_args(p: argparse.ArgumentParser, slots: int | None = None) -> None
     p.add_argument("--slots", type=int, default=slots,
                    help="memory slots K" + (f" (default {slots})" if slots else " (default: the checkpoint's)"))
     p.add_argument("--slot-init", choices=SLOT_INITS, default="random", help="rows added to M0 when K > K0")
-    p.add_argument("--scope-threshold", type=float, default=0.6)
-    p.add_argument("--scope-encoder", default=None,
-                   help="sentence-transformers folder (default: all-MiniLM-L6-v2) or 'larimar'")
-    p.add_argument("--no-scope", action="store_true", help="read memory for every query (ablation)")
-    p.add_argument("--read-mode", choices=READ_MODES, default="keyed",
-                   help="keyed: the memory addressed with the nearest fact's key; memory: the paper's query read")
+    add_read_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
 

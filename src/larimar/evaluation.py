@@ -1149,6 +1149,16 @@ def _default_wikitext() -> str | None:
     return str(p) if p.is_file() else None
 
 
+def add_read_args(p: argparse.ArgumentParser) -> None:
+    """How a Larimar editor reads its memory: scope threshold and encoder, --no-scope, --read-mode."""
+    p.add_argument("--scope-threshold", type=float, default=0.6)
+    p.add_argument("--scope-encoder", default=None,
+                   help="sentence-transformers folder (default: all-MiniLM-L6-v2) or 'larimar'")
+    p.add_argument("--no-scope", action="store_true", help="read memory for every query (ablation)")
+    p.add_argument("--read-mode", choices=READ_MODES, default="keyed",
+                   help="keyed: the memory addressed with the nearest fact's key; memory: the paper's query read")
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Registers ``larimar eval counterfact | zsre | scope | reconstruct``."""
     p = sub.add_parser("eval", help="evaluate: knowledge editing (CounterFact, ZsRE) or reconstruction")
@@ -1164,13 +1174,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         e.add_argument("--out", required=True, help="output folder (cases.jsonl, summary.json, summary.md)")
         e.add_argument("--checkpoint", default=None, help="Larimar checkpoint folder (default: the shipped one)")
         e.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
-        e.add_argument("--scope-threshold", type=float, default=0.6)
         e.add_argument("--scope-mode", choices=["prompt", "prompt_answer"], default="prompt")
-        e.add_argument("--scope-encoder", default=None,
-                       help="sentence-transformers folder (default: all-MiniLM-L6-v2) or 'larimar'")
-        e.add_argument("--no-scope", action="store_true", help="read memory for every query (ablation)")
-        e.add_argument("--read-mode", choices=READ_MODES, default="keyed",
-                       help="keyed: the memory addressed with the nearest fact's key; memory: the paper's query read")
+        add_read_args(e)
         e.add_argument("--gen-tokens", type=int, default=10, help="pre / post-edit greedy generation length (0: off)")
         e.add_argument("--detail-every", type=int, default=1,
                        help="generate and time queries on every k-th record only (scores: every record)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -69,6 +70,12 @@ class DataConfig:
         split_sentences: cut paragraphs into sentences before blocking (short, fact-like items).
         prefetch: micro-batches prepared ahead by a background thread (0: prepared in the loop); the streaming
             tokenization then overlaps the accelerator's work. The batches are the same either way.
+        workers: micro-batches prepared in worker processes (DataLoader workers, each ``prefetch`` ahead, at
+            least 2) instead of this one, so that their Python work neither takes the interpreter lock from the
+            training loop nor caps the step rate. 0 (default): in this process; 1: one worker, the same batches
+            as 0; N >= 2: the paragraph stream is split into N shards (paragraph i to shard i mod N), worker
+            k's shard makes micro-batches k, k + N, ...: another order of the same text, fixed by the seed and
+            N, resumable.
         swap_prob: probability that an item becomes an edit-shaped counterfactual (`swap_names`): a name in it
             is replaced by a name from another item and the text cut after it; it is read back with the text
             before the name, and the loss scores the name alone.
@@ -85,10 +92,13 @@ class DataConfig:
     split_sentences: bool = False
     swap_prob: float = 0.0
     prefetch: int = 0
+    workers: int = 0
 
     def __post_init__(self) -> None:
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
         if self.prefix_loss not in ("all", "continuation"):
             raise ValueError(f"data.prefix_loss must be 'all' or 'continuation', got {self.prefix_loss!r}")
         if len(self.prefix_frac) != 2 or not 0.0 <= self.prefix_frac[0] <= self.prefix_frac[1] <= 1.0:
@@ -339,12 +349,18 @@ def _shuffled(items: Iterator[Any], buffer: int, rng: random.Random) -> Iterator
     yield from buf
 
 
-def episode_stream(cfg: DataConfig, decoder_tokenizer: Any, seed: int) -> Iterator[list[Any]]:
-    """Endless stream of episodes (lists of `TextBlock`), reshuffled each pass over the file."""
+def episode_stream(cfg: DataConfig, decoder_tokenizer: Any, seed: int, shard: int = 0,
+                   shards: int = 1) -> Iterator[list[Any]]:
+    """Endless stream of episodes (lists of `TextBlock`), reshuffled each pass over the file; with ``shards`` > 1,
+    of the paragraphs i with i mod shards == shard only."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard must be in [0, {shards}), got {shard}")
     epoch = 0
     while True:
-        rng = random.Random(seed * 1000 + epoch)
+        rng = random.Random(seed * 1000 + epoch if shards == 1 else f"{seed}:{epoch}:{shard}/{shards}")
         texts = iter_wikipedia_texts(cfg.train_path)
+        if shards > 1:
+            texts = itertools.islice(texts, shard, None, shards)
         if cfg.split_sentences:
             texts = iter_sentences(texts)
         blocks = iter_text_blocks(texts, decoder_tokenizer, cfg.block_tokens, cfg.min_tokens)
@@ -419,15 +435,50 @@ def swap_names(texts: list[str], prob: float, rng: random.Random, min_prompt_wor
     return out
 
 
+@dataclass
+class BatchSpec:
+    """What `collate` needs of a model, and nothing on a device: picklable, so a worker process can collate."""
+
+    decoder_tokenizer: Any
+    encoder_tokenizer: Any
+    encoder_max_length: int
+    max_decoder_length: int
+    pad_token_id: int
+
+    @classmethod
+    def of(cls, model: LarimarModel) -> "BatchSpec":
+        return cls(model.decoder_tokenizer, model.encoder.tokenizer, model.encoder.max_length,
+                   model.config.max_decoder_length, model.pad_token_id)
+
+    def encode(self, texts: list[str]) -> dict[str, Tensor]:
+        """Encoder tokens as `LatentEncoder.tokenize`, on the CPU: input_ids, attention_mask (N, Te)."""
+        enc = self.encoder_tokenizer(list(texts), padding=True, truncation=True, max_length=self.encoder_max_length,
+                                     return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Every tensor of a collated batch on ``device``."""
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
 def collate(
     episodes: list[list[Any]], model: LarimarModel, cfg: DataConfig | None = None, rng: random.Random | None = None
 ) -> dict[str, Tensor]:
     """Episodes of E blocks -> encoder tokens (B, E, Te), right-padded decoder tokens (B, E, Td) and, with prefix
     queries or name swaps (``cfg``), encoder tokens of the read queries (B, E, Tq) and the decoder tokens the
-    loss scores (B, E, Td)."""
+    loss scores (B, E, Td); on the model's device (`collate_cpu` does the work)."""
+    return to_device(collate_cpu(episodes, BatchSpec.of(model), cfg, rng), model.device)
+
+
+def collate_cpu(
+    episodes: list[list[Any]], spec: BatchSpec, cfg: DataConfig | None = None, rng: random.Random | None = None
+) -> dict[str, Tensor]:
+    """`collate` on the CPU, from a `BatchSpec` (what a worker process runs)."""
     B, E = len(episodes), len(episodes[0])
-    tok = model.decoder_tokenizer
-    max_len = model.config.max_decoder_length
+    tok = spec.decoder_tokenizer
+    max_len = spec.max_decoder_length
     texts = [b.text for ep in episodes for b in ep]
     rows = [list(b.ids)[:max_len] for ep in episodes for b in ep]
     swaps: list[tuple[str, str] | None] = [None] * len(texts)
@@ -438,31 +489,30 @@ def collate(
             new_ids = tok([swaps[i][0] for i in swapped], add_special_tokens=False)["input_ids"]
             for i, ids in zip(swapped, new_ids):
                 texts[i], rows[i] = swaps[i][0], list(ids)[:max_len]
-    enc = model.encoder.tokenize(texts)  # (B*E, Te)
+    enc = spec.encode(texts)  # (B*E, Te)
     extra = {}
     if cfg is not None and (cfg.prefix_query_prob > 0 or any(swaps)):
         queries = prefix_queries(texts, cfg.prefix_query_prob, cfg.prefix_frac, rng)
         queries = [sw[1] if sw else q for q, sw in zip(queries, swaps)]  # a swapped item is read with its prompt
-        q = model.encoder.tokenize(queries)
-        extra = {"query_input_ids": q["input_ids"].view(B, E, -1).to(model.device),
-                 "query_attention_mask": q["attention_mask"].view(B, E, -1).to(model.device)}
+        q = spec.encode(queries)
+        extra = {"query_input_ids": q["input_ids"].view(B, E, -1),
+                 "query_attention_mask": q["attention_mask"].view(B, E, -1)}
         if cfg.prefix_loss == "all":  # only swapped items score their continuation (the new name) alone
             queries = [q if sw else t for q, t, sw in zip(queries, texts, swaps)]
         if cfg.prefix_loss == "continuation" or any(swaps):
             target = _continuation_mask(rows, texts, queries, tok)  # (B*E, Td)
-            extra["dec_target_mask"] = target.view(B, E, -1).to(model.device)
+            extra["dec_target_mask"] = target.view(B, E, -1)
     T = max(len(r) for r in rows)
-    ids = torch.full((B * E, T), model.pad_token_id, dtype=torch.long)
+    ids = torch.full((B * E, T), spec.pad_token_id, dtype=torch.long)
     mask = torch.zeros((B * E, T), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    dev = model.device
     return {
-        "enc_input_ids": enc["input_ids"].view(B, E, -1).to(dev),
-        "enc_attention_mask": enc["attention_mask"].view(B, E, -1).to(dev),
-        "dec_input_ids": ids.view(B, E, T).to(dev),
-        "dec_attention_mask": mask.view(B, E, T).to(dev),
+        "enc_input_ids": enc["input_ids"].view(B, E, -1),
+        "enc_attention_mask": enc["attention_mask"].view(B, E, -1),
+        "dec_input_ids": ids.view(B, E, T),
+        "dec_attention_mask": mask.view(B, E, T),
         **extra,
     }
 
@@ -695,10 +745,7 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
             f"batch_episodes ({cfg.optim.batch_episodes}) must be a multiple of processes x grad_accum "
             f"({world} x {cfg.optim.grad_accum})"
         )
-    stream = episode_stream(cfg.data, model.decoder_tokenizer, cfg.seed)
-    for _ in range(episodes_seen):  # resume: skip what was consumed
-        next(stream)
-    batches = prefetch(_micro_batches(stream, model, cfg, step, per_rank, world, rank), cfg.data.prefetch)
+    batches = micro_batches(cfg, BatchSpec.of(model), step, episodes_seen, per_rank, world, rank)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     if is_main:  # on resume, drop rows logged after the checkpoint: those steps are run again
         _truncate_metrics(out / "metrics.jsonl", step)
@@ -716,9 +763,12 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
                 g["lr"] = lr * f
             opt.zero_grad(set_to_none=True)
             sums = {"loss": 0.0, "rec": 0.0, "ae": 0.0, "kl": 0.0, "lm": 0.0}
-            step_tokens = 0
+            step_tokens, data_wait = 0, 0.0
             for _ in range(cfg.optim.grad_accum):
+                t_data = time.perf_counter()
                 n_read, batch = next(batches)
+                batch = to_device(batch, device)
+                data_wait += time.perf_counter() - t_data
                 episodes_seen += n_read
                 step_tokens += int(batch["dec_attention_mask"].sum())
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
@@ -740,6 +790,7 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
             last = {"step": step, **{k: round(v, 5) for k, v in sums.items()}, "beta": round(beta, 4),
                     "lr_new": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                     "tokens_seen": tokens_seen, "tokens_per_s": round(step_tokens / dt, 1),
+                    "data_wait_s": round(data_wait, 4), "step_s": round(dt, 4),
                     "elapsed_s": round(time.perf_counter() - t_start, 1)}
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", rec=f"{sums['rec']:.3f}", tok_s=f"{step_tokens / dt:.0f}")
@@ -775,16 +826,74 @@ def train(cfg: TrainConfig, model: LarimarModel | None = None) -> dict[str, Any]
     return last
 
 
-def _micro_batches(stream: Iterator[list[Any]], model: LarimarModel, cfg: TrainConfig, step: int, per_rank: int,
-                   world: int, rank: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
-    """(episodes read from the stream, this rank's collated micro-batch), grad_accum per step from ``step`` on."""
+def _micro_batches(cfg: TrainConfig, spec: BatchSpec, step: int, episodes_seen: int, per_rank: int, world: int,
+                   rank: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """(episodes read from the stream, this rank's collated micro-batch on the CPU), grad_accum per step from
+    ``step`` on, the stream resumed after ``episodes_seen`` episodes."""
+    stream = episode_stream(cfg.data, spec.decoder_tokenizer, cfg.seed)
+    for _ in range(episodes_seen):  # resume: skip what was consumed
+        next(stream)
     while True:
         query_rng = random.Random(f"{cfg.seed}:{step}")  # this step's prefix-query draws, the same after a resume
         for _ in range(cfg.optim.grad_accum):
             global_eps = [next(stream) for _ in range(per_rank * world)]  # every rank reads the same stream
-            yield len(global_eps), collate(global_eps[rank * per_rank : (rank + 1) * per_rank], model, cfg.data,
-                                           query_rng)
+            yield len(global_eps), collate_cpu(global_eps[rank * per_rank : (rank + 1) * per_rank], spec, cfg.data,
+                                               query_rng)
         step += 1
+
+
+def _sharded_micro_batches(cfg: TrainConfig, spec: BatchSpec, step: int, per_rank: int, world: int, rank: int,
+                           worker: int, workers: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """Worker ``worker`` of ``workers``: micro-batches m = M0 + worker, M0 + worker + workers, ... (M0 = step x
+    grad_accum, those already consumed), all from shard m mod workers of the stream, which has given
+    ceil((M0 - shard) / workers) micro-batches before M0."""
+    ga, n = cfg.optim.grad_accum, per_rank * world
+    first = step * ga + worker
+    shard = first % workers
+    stream = episode_stream(cfg.data, spec.decoder_tokenizer, cfg.seed, shard, workers)
+    for _ in range(max(0, -(-(step * ga - shard) // workers)) * n):  # resume: skip this shard's consumed episodes
+        next(stream)
+    for m in itertools.count(first, workers):
+        query_rng = random.Random(f"{cfg.seed}:{m // ga}:{m % ga}")  # this micro-batch's draws
+        global_eps = [next(stream) for _ in range(n)]  # every rank reads the same stream
+        yield n, collate_cpu(global_eps[rank * per_rank : (rank + 1) * per_rank], spec, cfg.data, query_rng)
+
+
+class _MicroBatches(torch.utils.data.IterableDataset):
+    """The micro-batches of one DataLoader worker (it holds tokenizers, not the model)."""
+
+    def __init__(self, cfg: TrainConfig, spec: BatchSpec, step: int, episodes_seen: int, per_rank: int, world: int,
+                 rank: int) -> None:
+        super().__init__()
+        self.args = (cfg, spec, step, episodes_seen, per_rank, world, rank)
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        cfg, spec, step, episodes_seen, per_rank, world, rank = self.args
+        info = torch.utils.data.get_worker_info()
+        if info is None or info.num_workers == 1:
+            return _micro_batches(*self.args)
+        return _sharded_micro_batches(cfg, spec, step, per_rank, world, rank, info.id, info.num_workers)
+
+
+def micro_batches(cfg: TrainConfig, spec: BatchSpec, step: int, episodes_seen: int, per_rank: int, world: int,
+                  rank: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """The training micro-batches (CPU tensors), made in this process (``data.workers`` 0; ``data.prefetch``
+    ahead in a thread when > 0) or in ``data.workers`` worker processes (see `DataConfig`). Close the returned
+    generator to stop a thread or the workers."""
+    args = (cfg, spec, step, episodes_seen, per_rank, world, rank)
+    if cfg.data.workers == 0:
+        return prefetch(_micro_batches(*args), cfg.data.prefetch)
+    loader = torch.utils.data.DataLoader(_MicroBatches(*args), batch_size=None, num_workers=cfg.data.workers,
+                                         prefetch_factor=max(2, cfg.data.prefetch))
+
+    def run() -> Iterator[tuple[int, dict[str, Tensor]]]:
+        it = iter(loader)  # round robin over the workers: micro-batch m comes from worker (m - M0) mod workers
+        try:
+            yield from it
+        finally:
+            del it  # the last reference: the workers stop now
+
+    return run()
 
 
 def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
