@@ -225,6 +225,15 @@ def gated_lora(model: nn.Module) -> list[LoRALinear]:
 # Encoder adapter
 
 
+def encoder_tokens(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Tensor]:
+    """Encoder input on the CPU: the tokenizer's special tokens, truncated to ``max_length``, right-padded;
+    input_ids, attention_mask (B, Te)."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a list of strings")
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 class LatentEncoder(nn.Module):
     """An HF encoder, mean pooling over non-pad tokens, then Linear(hidden, C).
 
@@ -262,12 +271,8 @@ class LatentEncoder(nn.Module):
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """Tokenizes with the tokenizer's special tokens, right-padded: input_ids, attention_mask (B, Te)."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ValueError("texts must be a list of strings")
-        enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+        enc = encoder_tokens(self.tokenizer, texts, self.max_length)
+        return {k: v.to(self.device) for k, v in enc.items()}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Encodes token ids (B, Te) with mask (B, Te) to latents z (B, C)."""

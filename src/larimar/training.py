@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from larimar.data import iter_episodes, iter_sentences, iter_text_blocks, iter_wikipedia_texts
-from larimar.model import LarimarConfig, LarimarModel
+from larimar.model import LarimarConfig, LarimarModel, encoder_tokens
 
 T = TypeVar("T")
 
@@ -452,9 +452,7 @@ class BatchSpec:
 
     def encode(self, texts: list[str]) -> dict[str, Tensor]:
         """Encoder tokens as `LatentEncoder.tokenize`, on the CPU: input_ids, attention_mask (N, Te)."""
-        enc = self.encoder_tokenizer(list(texts), padding=True, truncation=True, max_length=self.encoder_max_length,
-                                     return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return encoder_tokens(self.encoder_tokenizer, texts, self.encoder_max_length)
 
 
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
