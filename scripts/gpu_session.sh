@@ -11,7 +11,10 @@
 # the third carries .dev3/ and runs (this is how the shipped checkpoint's stage 1 was run, 2026-11-26, H100):
 #   mkdir -p .dev1 .dev2 && cp /tmp/keep/payload.part0 .dev1/ && cp /tmp/keep/payload.part1 .dev2/ && \
 #     MINUTES=6 EVAL_S=90 bash scripts/gpu_session.sh
-# Usage (on the device):  MINUTES=6 bash scripts/gpu_session.sh
+# Usage (on the device):  MINUTES=6 bash scripts/gpu_session.sh [--key value overrides, e.g. --data.workers 4]
+# To continue a checkpoint instead of starting from the backbones, carry it (e.g. src/larimar/checkpoints/default,
+# 53 MB: a fourth call, kept in /tmp/keep like the parts) and name it: INIT_FROM=/tmp/keep/default. It is loaded
+# with this machine's backbones and rewritten in float32 for `--init_from`. CONFIG picks another config.
 # Local dry run (CPU):    LOCAL_DRY=1 MINUTES=0.2 OUT=/tmp/gpuout bash scripts/gpu_session.sh --optim.batch_episodes 2
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -51,10 +54,19 @@ $PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), ope
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/session.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$OUT/session.log" || true
 
-log "train: $MINUTES min"
+if [ -n "${INIT_FROM:-}" ]; then
+  log "init from $INIT_FROM"
+  $PY - "$INIT_FROM" "$W/init" <<'EOF'
+import sys
+from larimar.model import LarimarModel
+LarimarModel.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
+EOF
+  set -- --init_from "$W/init" "$@"
+fi
+log "train: $MINUTES min, ${CONFIG:-configs/smollm2_gpu.yaml} $*"
 RUN=$W/run
 set +e
-$PY -m larimar.cli -v train --config configs/smollm2_gpu.yaml --out_dir "$RUN" --optim.max_minutes "$MINUTES" \
+$PY -m larimar.cli -v train --config "${CONFIG:-configs/smollm2_gpu.yaml}" --out_dir "$RUN" --optim.max_minutes "$MINUTES" \
   --data.train_path "$D/wikipedia_en/enwiki_2018_train.jsonl" "$@" > "$OUT/run.log" 2>&1
 log "train rc=$?"
 set -e
