@@ -18,6 +18,7 @@ import statistics
 import time
 
 from larimar.backbones import load_decoder, load_encoder
+from larimar.model import decoder_pad_id
 from larimar.training import BatchSpec, load_config, micro_batches
 
 
@@ -39,8 +40,8 @@ def main() -> None:
     cfg = load_config(args.config)
     enc, enc_tok = load_encoder(cfg.model.encoder)
     _, dec_tok = load_decoder(cfg.model.decoder)
-    pad = next((t for t in (dec_tok.pad_token_id, dec_tok.eos_token_id) if t is not None), 0)
-    spec = BatchSpec(dec_tok, enc_tok, cfg.model.max_encoder_length, cfg.model.max_decoder_length, pad)
+    spec = BatchSpec(dec_tok, enc_tok, cfg.model.max_encoder_length, cfg.model.max_decoder_length,
+                     decoder_pad_id(dec_tok))
     per = cfg.optim.batch_episodes // cfg.optim.grad_accum
     print(f"{args.config}: {per} episodes x {cfg.data.episode_size} blocks per micro-batch, busy {args.busy_ms} ms")
     modes = [("loop", 0, 0), ("thread", 4, 0)] + [(f"workers={n}", 4, n) for n in map(int, args.workers.split(","))]

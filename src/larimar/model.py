@@ -631,6 +631,13 @@ def _start_token_id(tokenizer: Any, token: str | None) -> int:
     raise ValueError("the decoder tokenizer has no BOS / EOS token: set LarimarConfig.decoder_start_token")
 
 
+def decoder_pad_id(tokenizer: Any) -> int:
+    """The id that pads decoder rows: the tokenizer's pad token, else its EOS, else 0."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return int(pad if pad is not None else (eos if eos is not None else 0))
+
+
 class LarimarModel(nn.Module):
     """Encoder, episodic memory and latent-conditioned decoder (paper section 3).
 
@@ -670,10 +677,9 @@ class LarimarModel(nn.Module):
             logger.info("LoRA (r=%d, gated=%s) on %d decoder modules", config.lora_rank, config.lora_gated,
                         len(wrapped))
         self.start_token_id = _start_token_id(decoder_tokenizer, config.decoder_start_token)
-        pad = getattr(decoder_tokenizer, "pad_token_id", None)
         eos = getattr(decoder_tokenizer, "eos_token_id", None)
         self.eos_token_id: int | None = None if eos is None else int(eos)
-        self.pad_token_id = int(pad if pad is not None else (eos if eos is not None else 0))
+        self.pad_token_id = decoder_pad_id(decoder_tokenizer)
 
     @classmethod
     def from_backbones(
