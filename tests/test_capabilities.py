@@ -438,6 +438,7 @@ def test_cli_sequential(tmp_path, capsys, checkpoint, with_capabilities):
     s2 = _files(out2, "sequential.png")
     assert s2["n_edits"] == 2 and "grace" in s2["baselines"]
     assert s2["edit_retention"] == s["edit_retention"]  # the same run
+    assert s["refine_steps"] == s2["refine_steps"] == 5  # both spellings refine the written latents
     code = cli.main(["eval", "zsre", "--data", str(ZSRE), "--sequential", "--methods", "none",
                      "--checkpoint", str(checkpoint), "--out", str(tmp_path / "bad")])
     assert code != 0 and "larimar or a weight editor" in capsys.readouterr().err
@@ -451,8 +452,8 @@ def test_cli_sequential(tmp_path, capsys, checkpoint, with_capabilities):
     s3 = _files(out3, "sequential.png")
     assert s3["method"] == "grace" and s3["n_edits"] == 3 and s3["compared_runs"] == [str(out)]
     table = (out3 / "summary.md").read_text()
-    assert f"| larimar | keyed | {out} | 2 |" in table and f"| grace | - | {out} | 2 |" in table
-    assert "| grace | - | - | 3 |" in table
+    assert f"| larimar | keyed | 5 | {out} | 2 |" in table and f"| grace | - | - | {out} | 2 |" in table
+    assert "| grace | - | - | - | 3 |" in table
     assert len((out3 / "cases.jsonl").read_text().splitlines()) == 3  # the compared runs' cases are not copied
     # only the drawing of earlier runs: no model, no edits
     out4 = tmp_path / "seq_all"

@@ -14,7 +14,7 @@ from tiny_larimar import bow_embed, save_tiny_checkpoint, tiny_larimar
 
 from larimar import cli
 from larimar.data import EditRequest
-from larimar.editing import Larimar, LarimarEngine, fact_sentence
+from larimar.editing import Larimar, LarimarEngine, Refinement, fact_sentence, refine_latents, refinement_target
 from larimar.scope import ScopeDetector
 
 FACT = "The capital of France is Rome."
@@ -127,6 +127,70 @@ def test_edit_forms_sequential_accumulation_and_exact_forget():
     assert lm.scope.ids == a and [i for i, _ in lm.facts] == a
     lm.reset()
     assert len(lm) == 0 and len(lm.scope) == 0 and lm.memory.M.abs().sum() == 0
+
+
+# -- write-time latent refinement --------------------------------------------------------------------------------
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_refine_latents_lowers_the_read_nll_and_changes_no_weight():
+    from larimar.memory import one_fact_read
+
+    model = tiny_larimar().model
+    before = _params(model)
+    prompts, answers = ["messi plays the sport of", ""], [" tennis", FACT]
+    with torch.no_grad():
+        Z = model.encode_texts(["messi plays the sport of tennis", FACT])  # (2, C)
+        Q = torch.stack([model.encode_texts(prompts[:1])[0], Z[1]])  # (2, C): prompt latent; the sentence's own
+    R = refine_latents(model, Z, prompts, answers, Q, Refinement(steps=20, lr=0.5))
+    with torch.no_grad():
+        nll0 = model.continuation_nll(prompts, answers, one_fact_read(Q, Z))
+        nll1 = model.continuation_nll(prompts, answers, one_fact_read(Q, R))
+    assert R.shape == Z.shape and (nll1 < nll0 - 0.05).all(), (nll0, nll1)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is untouched
+    assert all(p.grad is None for p in model.parameters())
+    assert refine_latents(model, Z, prompts, answers, Q, Refinement(steps=0)) is Z
+    # facts do not interact: one batch of two = two batches of one; also under an inference-mode caller
+    with torch.inference_mode():
+        R1 = refine_latents(model, Z, prompts, answers, Q, Refinement(steps=20, lr=0.5, batch_size=1))
+    torch.testing.assert_close(R1, R, atol=1e-3, rtol=1e-3)  # padding: float noise, amplified by Adam
+    with pytest.raises(ValueError, match="2 latents, 1 prompts"):
+        refine_latents(model, Z, prompts[:1], answers, Q, Refinement())
+
+
+def test_refinement_target_of_requests_and_sentences():
+    req = EditRequest(prompt="{} plays the sport of", subject="messi", target_new=" tennis ")
+    assert refinement_target(req.sentence, req) == ("messi plays the sport of", " tennis")
+    assert refinement_target("The capital of France is  Rome. ", None) == ("The capital of France is", " Rome.")
+    assert refinement_target("Rome.", None) == ("", "Rome.")  # one word: the sentence itself
+
+
+@pytest.mark.parametrize("kw, match", [({"steps": -1}, "steps"), ({"steps": 1.5}, "steps"), ({"lr": 0.0}, "rate"),
+                                       ({"batch_size": 0}, "batch_size")])
+def test_refinement_config_is_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Refinement(**kw)
+
+
+def test_edit_writes_the_refined_latent_and_steps_0_the_encoder_latent():
+    req = EditRequest(prompt="{} plays the sport of", subject="messi", target_new="tennis")
+    lm, plain = tiny_larimar(refinement=Refinement(steps=10)), tiny_larimar(refinement=Refinement(steps=0))
+    ids = lm.edit([req, FACT], ids=["a", "b"])
+    plain.edit([req, FACT], ids=["a", "b"])
+    sentences, Z = lm.fact_latents([req, FACT])
+    assert sentences == [req.sentence, FACT] and lm.last_edit_ms["refine"] > 0
+    torch.testing.assert_close(torch.stack([lm.memory.latent(i).float() for i in ids]), Z)
+    Z0 = plain.encode_facts(sentences)
+    torch.testing.assert_close(torch.stack([plain.memory.latent(i).float() for i in ids]), Z0)
+    assert (Z - Z0).norm(dim=-1).min() > 1e-3  # refinement moved both latents
+    # the rewrite's answer is more likely after the refined write than after the one-shot write
+    prompt = req.full_prompt
+    assert lm.score(prompt, [" tennis"])[0] < plain.score(prompt, [" tennis"])[0]
+    lm.forget(ids)  # forgetting stays exact
+    assert lm.memory.M.abs().max() < 1e-8
 
 
 @pytest.mark.parametrize(
@@ -292,7 +356,7 @@ def test_cli_edit_list_ask_forget_export_import(tmp_path, capsys, checkpoint):
     for argv in (["forget", "nope", *common], ["edit", "  ", *common], ["memories", "show", "nope", "--store",
                                                                           str(tmp_path / "s")],
                  ["ask", PROMPT, "--checkpoint", str(tmp_path / "missing"), "--store", str(tmp_path / "s")],
-                 ["edit", FACT, "--namespace", "bad name!", *common]):
+                 ["edit", FACT, "--namespace", "bad name!", *common], ["edit", FACT, "--refine-steps", "-2", *common]):
         code, out, err = run_cli(capsys, *argv)
         assert code == 2, argv
         assert err.startswith("larimar: error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -663,9 +663,13 @@ def plot_lines(path: str | Path, title: str, xlabel: str, ylabel: str,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4 + (2.8 if len(series) > 4 else 0.0), 4.2))  # room for a long legend at the right
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    if len(series) > 10:  # the default cycle repeats after 10 colours
+        from matplotlib import colormaps
+
+        ax.set_prop_cycle(color=list(colormaps["tab20"].colors))
     for label, (xs, ys) in series.items():
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
         if pts:
@@ -680,7 +684,10 @@ def plot_lines(path: str | Path, title: str, xlabel: str, ylabel: str,
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(series) > 4:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(str(path), dpi=120)
 
@@ -730,14 +737,15 @@ def load_records(paths: Sequence[str], task: str) -> list[EditRequest]:
 
 def load_editor(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The `Larimar` editor of the command-line options (memory resized to ``--slots``) and run metadata."""
-    from larimar.editing import Larimar, quiet_loading
+    from larimar.editing import Larimar, quiet_loading, refinement_of
 
     quiet_loading()
     if getattr(args, "seed", None) is not None:
         torch.manual_seed(args.seed)
+    refine = hasattr(args, "refine_steps")  # longcontext encodes its chunks itself: no refinement option
     lm = Larimar.from_pretrained(
         args.checkpoint, device=args.device, scope_threshold=args.scope_threshold, scope_encoder=args.scope_encoder,
-        use_scope=not args.no_scope, read_mode=args.read_mode,
+        use_scope=not args.no_scope, read_mode=args.read_mode, refinement=refinement_of(args) if refine else None,
     )
     fingerprint = lm.fingerprint
     k0 = lm.model.memory.config.num_slots
@@ -746,7 +754,8 @@ def load_editor(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             "checkpoint_slots": k0, "code_size": lm.model.memory.config.code_size,
             "slot_init": None if K == k0 else (f"M0[:{K}]" if K < k0 else f"M0 + {K - k0} {args.slot_init} rows"),
             "scope_threshold": args.scope_threshold, "scope_encoder": args.scope_encoder or "all-MiniLM-L6-v2",
-            "use_scope": not args.no_scope, "read_mode": args.read_mode, "seed": args.seed,
+            "use_scope": not args.no_scope, "read_mode": args.read_mode,
+            **({"refine_steps": args.refine_steps, "refine_lr": args.refine_lr} if refine else {}), "seed": args.seed,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info()}
     return lm, meta
@@ -791,7 +800,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
         kw = dict(checkpoints=checkpoints, batch_size=args.batch_size, exact_match_at_checkpoints=args.em_curve,
                   progress=True)
         results = [] if args.no_larimar else [{**evaluate_sequential(LarimarEditor(lm), records, **kw),
-                                                "read_mode": meta["read_mode"]}]
+                                                "read_mode": meta["read_mode"], "refine_steps": meta["refine_steps"]}]
         for b in _baseline_editors(baselines, lm, args):
             results.append(evaluate_sequential(SequentialHFEditor.from_editor(b), records, **kw))
         main = results[0]
@@ -800,8 +809,8 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
                    "baselines": {r["method"]: {k: v for k, v in r.items() if k != "cases"} for r in results[1:]},
                    "compared_runs": list(args.compare or []), **meta}
     write_summary(d, summary)
-    cols = ["method", "read_mode", "run", "n_edits", "edit_retention", "edit_retention_em", "rephrase_acc", "locality",
-            "edit_retention_none", "rephrase_acc_none", "edit_ms_median"]
+    cols = ["method", "read_mode", "refine_steps", "run", "n_edits", "edit_retention", "edit_retention_em",
+            "rephrase_acc", "locality", "edit_retention_none", "rephrase_acc_none", "edit_ms_median"]
     notes = [f"Protocol token_acc (teacher-forced token accuracy; EM = greedy generation starts with target_new), "
              f"evaluated after the last edit; memory K = {meta['slots']} ({meta['slot_init'] or 'as trained'}), "
              f"read mode {meta['read_mode']}." + (" Rows with a run folder come from those earlier runs." if compared
@@ -812,13 +821,16 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
     for r in table:
         xs = [p["n_edits"] for p in r["curve"]]
         name = r["method"] + (f", {r['read_mode']} read" if r.get("read_mode") else "")
+        if r.get("refine_steps") is not None:
+            name += f", {r['refine_steps']} refine steps" if r["refine_steps"] else ", one-shot write"
         if f"{name} retention" in series:  # the same method from another run: name the run
             name = f"{name} ({'/'.join(Path(r['run']).parts[-2:])})"
         series[f"{name} retention"] = (xs, [p["edit_retention"] for p in r["curve"]])
         series[f"{name} rephrase"] = (xs, [p["rephrase_acc"] for p in r["curve"]])
     lar = [r for r in table if r["method"] == "larimar"]
     if lar:
-        series["larimar retention (EM)"] = ([p["n_edits"] for p in lar[0]["curve"]],
+        first = next(k for k in series if k.startswith("larimar")).removesuffix(" retention")
+        series[f"{first} retention (EM)"] = ([p["n_edits"] for p in lar[0]["curve"]],
                                             [p["edit_retention_em"] for p in lar[0]["curve"]])
     plot_lines(d / "sequential.png", "Sequential editing (ZsRE)", "edits written", "accuracy (token_acc)", series,
                logx=True, vlines={"K": meta["slots"], "C": meta["code_size"]})
@@ -840,6 +852,9 @@ def _load_sequential_run(directory: str) -> list[dict[str, Any]]:
     main = {k: v for k, v in summary.items() if k not in ("baselines", "machine")}
     if main.get("method") != "larimar":  # a run of baselines alone: its read mode is the unused editor's
         main.pop("read_mode", None)
+        main.pop("refine_steps", None)
+    else:  # runs made before write-time refinement existed wrote the encoder's latents
+        main.setdefault("refine_steps", 0)
     return [{**r, "run": directory} for r in (main, *summary.get("baselines", {}).values())]
 
 
@@ -952,15 +967,16 @@ def plot_bars(path: str | Path, title: str, labels: Sequence[str], values: Seque
     fig.savefig(str(path), dpi=120)
 
 
-def add_model_args(p: argparse.ArgumentParser, slots: int | None = None) -> None:
-    """Options shared by the capability commands (checkpoint, memory size, scope, output)."""
+def add_model_args(p: argparse.ArgumentParser, slots: int | None = None, refine: bool = True) -> None:
+    """Options shared by the capability commands (checkpoint, memory size, scope, output; with ``refine``,
+    the write-time latent refinement of facts written with `Larimar.edit`)."""
     p.add_argument("--out", required=True, help="output folder (summary.json, summary.md, a PNG, cases.jsonl)")
     p.add_argument("--checkpoint", default=None, help="Larimar checkpoint folder (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--slots", type=int, default=slots,
                    help="memory slots K" + (f" (default {slots})" if slots else " (default: the checkpoint's)"))
     p.add_argument("--slot-init", choices=SLOT_INITS, default="random", help="rows added to M0 when K > K0")
-    add_read_args(p)
+    add_read_args(p, refine=refine)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
 

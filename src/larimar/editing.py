@@ -55,7 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from larimar.data import EditRequest, template_problem, validate_request
-from larimar.memory import READ_MODES, ItemMemory, MemoryConfig
+from larimar.memory import READ_MODES, ItemMemory, MemoryConfig, one_fact_read
 from larimar.model import LarimarModel
 from larimar.scope import ScopeDetector
 
@@ -133,13 +133,22 @@ def fact_sentence(fact: FactLike, max_chars: int = MAX_TEXT_CHARS) -> str:
     Raises:
         ValueError: an empty / non-string value, a template without exactly one ``{}``, a too long sentence.
     """
+    return as_fact(fact, max_chars)[0]
+
+
+def as_fact(fact: FactLike, max_chars: int = MAX_TEXT_CHARS) -> tuple[str, EditRequest | None]:
+    """The sentence written for a fact (see `fact_sentence`) and its request (None for a plain sentence).
+
+    Raises:
+        ValueError: as `fact_sentence`.
+    """
     if isinstance(fact, str):
-        return check_text(fact, "a fact", max_chars)
+        return check_text(fact, "a fact", max_chars), None
     if isinstance(fact, EditRequest):
         problems = validate_request(fact)
         if problems:
             raise ValueError("invalid edit request: " + "; ".join(f"{f}: {m}" for f, m in problems))
-        return check_text(fact.sentence, "a fact", max_chars)
+        return check_text(fact.sentence, "a fact", max_chars), fact
     if isinstance(fact, Mapping):
         if set(fact) >= {"prompt", "subject", "target_new"}:
             target = fact["target_new"]
@@ -152,9 +161,9 @@ def fact_sentence(fact: FactLike, max_chars: int = MAX_TEXT_CHARS) -> str:
             if problem:
                 raise ValueError(f"edit request field 'prompt': {problem}")
             req = EditRequest(prompt=fact["prompt"], subject=fact["subject"], target_new=target.strip())
-            return check_text(req.sentence, "a fact", max_chars)
+            return check_text(req.sentence, "a fact", max_chars), req
         if set(fact) >= {"text"}:
-            return check_text(fact["text"], "a fact", max_chars)
+            return check_text(fact["text"], "a fact", max_chars), None
         raise ValueError(f"a fact dict must have keys prompt, subject, target_new (or text), got {sorted(fact)}")
     raise ValueError(f"a fact must be a sentence, an EditRequest or a dict, got {type(fact).__name__}")
 
@@ -282,6 +291,104 @@ def read_memory_state(directory: str | Path, fingerprint: str | None) -> tuple[d
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Write-time latent refinement
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """Write-time latent refinement: what the encoder gives is improved by a few gradient steps on the latent.
+
+    Each fact's latent z (C,) starts at the encoder's output and takes ``steps`` Adam steps (learning rate
+    ``lr``) that lower the decoder's NLL of the fact as it will be read: for an edit request, the answer after
+    its prompt, decoded from the one-fact read of z at the prompt's query latent (what the keyed read returns);
+    a plain sentence is taken as the request "all but its last word" -> "its last word" (`refinement_target`),
+    the way a sentence fact is usually asked. Only the
+    latents move: no weight of the encoder, the memory or the decoder changes, and the refined latent is
+    written, read and forgotten like any other. ``steps = 0`` writes the encoder's latent (the paper's one-shot
+    write).
+
+    Attributes:
+        steps: Adam steps per fact (0: off).
+        lr: Adam learning rate.
+        batch_size: facts refined together (they do not interact: the loss is a sum over facts).
+    """
+
+    steps: int = 5
+    lr: float = 0.1
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"refinement steps must be an integer >= 0, got {self.steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"refinement learning rate must be > 0, got {self.lr!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"refinement batch_size must be an integer >= 1, got {self.batch_size!r}")
+
+
+def refinement_target(sentence: str, request: EditRequest | None) -> tuple[str, str]:
+    """(prompt, continuation) a fact's latent is refined on: a request's prompt and " " + its answer; for a plain
+    sentence, all but its last word and " " + that word (a sentence fact is asked with its beginning), or
+    ("", the sentence) for a sentence of one word (then read at its own latent)."""
+    if request is not None:
+        return request.full_prompt, " " + request.target_new.strip()
+    head, _, last = sentence.strip().rpartition(" ")
+    return (head.rstrip(), " " + last) if head.strip() else ("", sentence)
+
+
+def refine_latents(
+    model: LarimarModel,
+    Z: Tensor,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    queries: Tensor | None,
+    refinement: Refinement,
+) -> Tensor:
+    """Refines fact latents by gradient steps on the latents alone (see `Refinement`); the model is unchanged.
+
+    Args:
+        model: the model whose decoder scores the facts.
+        Z: (n, C) the encoder's latents, the starting point.
+        prompts: n prompts ("" to score the continuation alone, after the start token).
+        continuations: n texts scored after their prompts (e.g. " Rome", or a whole sentence).
+        queries: (n, C) query latents: the loss decodes from the one-fact read (q . z / |z|^2) z; None: from z.
+        refinement: steps, learning rate, batch size.
+
+    Returns:
+        (n, C) float32 refined latents on ``Z``'s device (``Z`` itself when ``refinement.steps == 0``).
+    """
+    n = Z.shape[0]
+    if len(prompts) != n or len(continuations) != n or (queries is not None and queries.shape != Z.shape):
+        raise ValueError(f"refine_latents: {n} latents, {len(prompts)} prompts, {len(continuations)} continuations"
+                         f", queries {None if queries is None else tuple(queries.shape)}")
+    if refinement.steps == 0 or n == 0:
+        return Z
+    from tqdm.auto import tqdm
+
+    out = []
+    starts = range(0, n, refinement.batch_size)
+    with torch.inference_mode(False), torch.enable_grad():
+        for i in tqdm(starts, desc="refining latents", unit="batch", disable=len(starts) < 2, leave=False):
+            sl = slice(i, i + refinement.batch_size)
+            z = Z[sl].detach().clone().float().to(model.device).requires_grad_(True)  # (b, C)
+            q = None if queries is None else queries[sl].detach().clone().float().to(model.device)  # (b, C)
+            opt = torch.optim.Adam([z], lr=refinement.lr)
+            for _ in range(refinement.steps):
+                latent = z if q is None else one_fact_read(q, z)  # (b, C)
+                nll = model.continuation_nll(list(prompts[sl]), list(continuations[sl]), latent)  # (b,)
+                (z.grad,) = torch.autograd.grad(nll.float().sum(), [z])  # no gradient reaches the weights
+                opt.step()
+            z = z.detach()
+            bad = ~torch.isfinite(z).all(-1)  # (b,): a diverged row keeps the encoder's latent
+            if bad.any():
+                logger.warning("latent refinement diverged for %d fact(s); writing their encoder latents",
+                               int(bad.sum()))
+                z[bad] = Z[sl][bad].float().to(z.device)
+            out.append(z.to(Z.device))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The editor
 
 
@@ -315,6 +422,8 @@ class Larimar:
         max_chars: the longest fact or prompt accepted (characters).
         fingerprint: the checkpoint fingerprint saved memories are tied to (default:
             `larimar.backbones.model_fingerprint` of the model, computed on first use).
+        refinement: write-time latent refinement (default: `Refinement()`, 5 steps; ``Refinement(steps=0)``
+            writes the encoder's latents as the paper does).
 
     Raises:
         ValueError: unknown mode.
@@ -330,6 +439,7 @@ class Larimar:
         read_mode: str = "keyed",
         max_chars: int = MAX_TEXT_CHARS,
         fingerprint: str | None = None,
+        refinement: Refinement | None = None,
     ) -> None:
         if scope_mode not in SCOPE_MODES:
             raise ValueError(f"scope_mode must be one of {SCOPE_MODES}, got {scope_mode!r}")
@@ -347,9 +457,10 @@ class Larimar:
         self.read_mode = read_mode
         self.max_chars = max_chars
         self._fingerprint = fingerprint
+        self.refinement = Refinement() if refinement is None else refinement
         self.memory = ItemMemory(model.memory)
         self._texts: dict[str, str] = {}  # id -> sentence, in write order
-        self.last_edit_ms: dict[str, float] = {}  # wall time of the last edit's parts: encode, scope, write
+        self.last_edit_ms: dict[str, float] = {}  # wall time of the last edit's parts: encode, refine, scope, write
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -371,7 +482,7 @@ class Larimar:
             scope_mode: see `Larimar`.
             scope_encoder: a sentence-transformers folder (None: all-MiniLM-L6-v2 from its package), or
                 "larimar" to use the model's own encoder.
-            **kwargs: the other `Larimar` arguments (use_scope, read_mode, max_chars).
+            **kwargs: the other `Larimar` arguments (use_scope, read_mode, max_chars, refinement).
 
         Raises:
             FileNotFoundError: no checkpoint at ``path``.
@@ -410,8 +521,33 @@ class Larimar:
 
     @torch.inference_mode()
     def encode_facts(self, sentences: list[str]) -> Tensor:
-        """Latents (n, C) float32 (CPU) of fact sentences."""
+        """The encoder's latents (n, C) float32 (CPU) of fact sentences (no refinement)."""
         return self.model.encode_texts(list(sentences)).float().cpu()
+
+    def fact_latents(self, facts: Sequence[FactLike]) -> tuple[list[str], Tensor]:
+        """The sentences and the latents (n, C) float32 (CPU) that `edit` writes for facts: encoded, then refined.
+
+        An edit request is refined on its answer after its prompt, a plain sentence on its last word after the rest
+        (`refinement_target`).
+
+        Raises:
+            ValueError: a bad fact.
+        """
+        parsed = [as_fact(f, self.max_chars) for f in facts]
+        sentences = [s for s, _ in parsed]
+        return sentences, self._refine(parsed, self.encode_facts(sentences))
+
+    def _refine(self, parsed: list[tuple[str, EditRequest | None]], Z: Tensor) -> Tensor:
+        """The refined latents (n, C) (CPU) of parsed facts (`as_fact`) whose encoder latents are Z (n, C)."""
+        if self.refinement.steps == 0 or not parsed:
+            return Z
+        prompts, answers = zip(*(refinement_target(s, r) for s, r in parsed))
+        queries = None
+        if self.read_mode != "nearest":  # the keyed and the paper's read return the one-fact projection
+            Q = self.encode_facts([p for p in prompts if p]) if any(prompts) else Z[:0]  # (m, C)
+            rows = iter(Q)
+            queries = torch.stack([next(rows) if p else z for p, z in zip(prompts, Z)])  # (n, C)
+        return refine_latents(self.model, Z, list(prompts), list(answers), queries, self.refinement).cpu()
 
     def edit(self, facts: FactLike | Sequence[FactLike], ids: Sequence[str] | None = None) -> list[str]:
         """Writes facts to memory (one write for the batch; successive calls accumulate).
@@ -426,18 +562,22 @@ class Larimar:
         Raises:
             ValueError: bad facts or ids; the memory is unchanged.
         """
-        sentences = [fact_sentence(f, self.max_chars) for f in _as_list(facts, "facts")]
+        parsed = [as_fact(f, self.max_chars) for f in _as_list(facts, "facts")]
+        sentences = [s for s, _ in parsed]
         if ids is None:
             ids = [uuid.uuid4().hex[:16] for _ in sentences]
         ids = _check_ids(ids, len(sentences), self._texts)
         t0 = time.perf_counter()
-        Z = self.encode_facts(sentences)  # (n, C)
+        Z0 = self.encode_facts(sentences)  # (n, C)
         t1 = time.perf_counter()
-        emb = self.scope.embed(sentences) if self.scope is not None else None  # (n, D)
+        Z = self._refine(parsed, Z0)  # (n, C)
         t2 = time.perf_counter()
-        self.memory.write(Z, ids)
+        emb = self.scope.embed(sentences) if self.scope is not None else None  # (n, D)
         t3 = time.perf_counter()
-        self.last_edit_ms = {"encode": 1e3 * (t1 - t0), "scope": 1e3 * (t2 - t1), "write": 1e3 * (t3 - t2)}
+        self.memory.write(Z, ids)
+        t4 = time.perf_counter()
+        self.last_edit_ms = {"encode": 1e3 * (t1 - t0), "refine": 1e3 * (t2 - t1), "scope": 1e3 * (t3 - t2),
+                             "write": 1e3 * (t4 - t3)}
         if self.scope is not None:
             try:
                 self.scope.add_embeddings(emb, ids)
@@ -683,7 +823,7 @@ class LarimarEngine:
         return ItemMemory(self.lm.model.memory)
 
     def encode_facts(self, facts: list[str]) -> Tensor:
-        return self.lm.encode_facts(list(facts))  # (n, C)
+        return self.lm.fact_latents(list(facts))[1]  # (n, C), refined as the editor's `Refinement` says
 
     def _scope_for(self, ids: list[str], facts: Mapping[str, str]) -> ScopeDetector:
         scope = copy.copy(self.lm.scope)
@@ -748,6 +888,25 @@ def _common(p: argparse.ArgumentParser, model: bool = True, namespace: str = "de
         p.add_argument("--scope-encoder", default=None,
                        help="sentence-transformers folder for the scope detector (default: all-MiniLM-L6-v2), "
                             "or 'larimar' for the model's own encoder")
+        add_refine_args(p)
+
+
+def add_refine_args(p: argparse.ArgumentParser) -> None:
+    """--refine-steps / --refine-lr: write-time latent refinement (`Refinement`)."""
+    d = Refinement()
+    p.add_argument("--refine-steps", type=int, default=d.steps,
+                   help=f"gradient steps on each written fact's latent, model unchanged (default {d.steps}; "
+                        "0: the encoder's latent, the paper's one-shot write)")
+    p.add_argument("--refine-lr", type=float, default=d.lr, help=f"their learning rate (default {d.lr})")
+
+
+def refinement_of(args: argparse.Namespace) -> Refinement:
+    """The `Refinement` of --refine-steps / --refine-lr (`add_refine_args`).
+
+    Raises:
+        ValueError: a negative number of steps or a learning rate <= 0.
+    """
+    return Refinement(steps=args.refine_steps, lr=args.refine_lr)
 
 
 def quiet_loading() -> None:
@@ -760,7 +919,8 @@ def quiet_loading() -> None:
 def _engine(args: argparse.Namespace) -> LarimarEngine:
     quiet_loading()
     lm = Larimar.from_pretrained(
-        args.checkpoint, device=args.device, scope_threshold=args.scope_threshold, scope_encoder=args.scope_encoder
+        args.checkpoint, device=args.device, scope_threshold=args.scope_threshold, scope_encoder=args.scope_encoder,
+        refinement=refinement_of(args),
     )
     return LarimarEngine(lm)
 

@@ -496,7 +496,7 @@ def add_longcontext_parser(esub: argparse._SubParsersAction) -> None:
                    help="ask the plain decoder a seeded sample of this many questions per document (0: all)")
     p.add_argument("--plain-batch-size", type=int, default=4,
                    help="rows per forward after the shared context (each holds a copy of its KV cache)")
-    add_model_args(p)
+    add_model_args(p, refine=False)  # the document's sentences are encoded as they are
     p.set_defaults(func=lambda a: (run_longcontext(_with_default_data(a, cf)), 0)[1])
 
 

@@ -154,6 +154,20 @@ def _sq_norm(X: Tensor) -> Tensor:
     return X.detach().double().pow(2).sum(dim=(-2, -1))[:, None, None]
 
 
+def one_fact_read(Zq: Tensor, R: Tensor) -> Tensor:
+    """The read of a memory holding one item r at query z_q: the projection (z_q . r / |r|^2) r.
+
+    Args:
+        Zq: queries (..., C).
+        R: the items' read-outs (..., C), broadcastable with Zq.
+
+    Returns:
+        (..., C) in the dtype of the product.
+    """
+    scale = (Zq * R).sum(-1, keepdim=True) / R.pow(2).sum(-1, keepdim=True).clamp_min(1e-30)  # (..., 1)
+    return scale * R
+
+
 def effective_ridge(dtype: torch.dtype, rel_ridge: float) -> float:
     """The relative ridge actually used, on squared singular values (times ||X||_F^2).
 
@@ -497,8 +511,7 @@ class ItemMemory:
         Zq_ = self._as_items(Zq)
         if Zq_.shape[0] != len(ids):
             raise ValueError(f"got {Zq_.shape[0]} queries for {len(ids)} ids")
-        scale = (Zq_ * R).sum(-1, keepdim=True) / R.pow(2).sum(-1, keepdim=True).clamp_min(1e-300)  # (Q, 1)
-        return (scale * R).to(Zq.dtype)
+        return one_fact_read(Zq_, R).to(Zq.dtype)  # (Q, C)
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Tensors of the full state (for safetensors): M, U, M_ref, item latents Z (n, C) and keys W (n, K)."""
