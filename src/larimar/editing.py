@@ -542,11 +542,9 @@ class Larimar:
         if self.refinement.steps == 0 or not parsed:
             return Z
         prompts, answers = zip(*(refinement_target(s, r) for s, r in parsed))
-        queries = None
+        queries = None  # "nearest" decodes the stored latent itself
         if self.read_mode != "nearest":  # the keyed and the paper's read return the one-fact projection
-            Q = self.encode_facts([p for p in prompts if p]) if any(prompts) else Z[:0]  # (m, C)
-            rows = iter(Q)
-            queries = torch.stack([next(rows) if p else z for p, z in zip(prompts, Z)])  # (n, C)
+            queries = self.encode_facts([p or s for p, (s, _) in zip(prompts, parsed)])  # (n, C)
         return refine_latents(self.model, Z, list(prompts), list(answers), queries, self.refinement).cpu()
 
     def edit(self, facts: FactLike | Sequence[FactLike], ids: Sequence[str] | None = None) -> list[str]:
