@@ -193,6 +193,17 @@ def test_edit_writes_the_refined_latent_and_steps_0_the_encoder_latent():
     assert lm.memory.M.abs().max() < 1e-8
 
 
+def test_engine_refines_a_request_on_its_answer_not_on_its_last_word():
+    lm = tiny_larimar(refinement=Refinement(steps=5, lr=0.5))
+    engine = LarimarEngine(lm)
+    req = {"prompt": "the river of {} is", "subject": "paris", "target_new": {"str": "new york city"}}
+    sentence = fact_sentence(req)
+    as_request = engine.encode_facts([sentence], [req])
+    torch.testing.assert_close(as_request, lm.fact_latents([req])[1])
+    torch.testing.assert_close(engine.encode_facts([sentence], [None]), lm.fact_latents([sentence])[1])
+    assert (as_request - engine.encode_facts([sentence])).abs().max() > 1e-4  # "... new york" -> " city" differs
+
+
 @pytest.mark.parametrize(
     "bad, exc, match",
     [

@@ -820,8 +820,11 @@ class LarimarEngine:
     def new_memory(self) -> ItemMemory:
         return ItemMemory(self.lm.model.memory)
 
-    def encode_facts(self, facts: list[str]) -> Tensor:
-        return self.lm.fact_latents(list(facts))[1]  # (n, C), refined as the editor's `Refinement` says
+    def encode_facts(self, facts: list[str], requests: list[Any] | None = None) -> Tensor:
+        """Latents (n, C) as `Larimar.edit` writes them: refined on each request where one is given (its answer
+        after its prompt), else on the sentence."""
+        requests = requests or [None] * len(facts)
+        return self.lm.fact_latents([r if r is not None else f for f, r in zip(facts, requests)])[1]
 
     def _scope_for(self, ids: list[str], facts: Mapping[str, str]) -> ScopeDetector:
         scope = copy.copy(self.lm.scope)
@@ -986,9 +989,11 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         raise _UserError("nothing to write: give facts as arguments or --file FACTS.jsonl")
     engine = _engine(args)
     sentences = [fact_sentence(f, engine.lm.max_chars) for f in facts]
+    requests = [None if isinstance(f, str) else f for f in facts]  # refined on their answers, not their last word
     store = _open_store(args, engine)
     try:
-        ids = store.write(args.namespace, sentences, engine.encode_facts(sentences), provenance={"source": "cli"})
+        latents = engine.encode_facts(sentences, requests)  # (n, C)
+        ids = store.write(args.namespace, sentences, latents, provenance={"source": "cli"})
         size = store.size(args.namespace)
     finally:
         store.close()

@@ -73,8 +73,9 @@ class Engine(Protocol):
         """An empty memory for a namespace."""
         ...
 
-    def encode_facts(self, facts: list[str]) -> Tensor:
-        """Latents (n, C) of n fact sentences."""
+    def encode_facts(self, facts: list[str], requests: list[dict[str, Any] | None] | None = None) -> Tensor:
+        """Latents (n, C) of n fact sentences; ``requests[i]`` ({prompt, subject, target_new}), when given, is the
+        request sentence i was made from (an engine may use its prompt / answer split)."""
         ...
 
     def complete(
@@ -589,8 +590,9 @@ def create_app(
             | ({"request": f.model_dump()} if isinstance(f, EditRequestBody) else {})
             for f in body.facts
         ]
-        latents = engine.encode_facts(sentences)  # (n, C)
         try:
+            requests = [f.model_dump() if isinstance(f, EditRequestBody) else None for f in body.facts]
+            latents = engine.encode_facts(sentences, requests)  # (n, C)
             ids = store.write(ns, sentences, latents, ids=body.ids, provenance=provenance)
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
