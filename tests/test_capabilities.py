@@ -327,6 +327,23 @@ def test_hierarchical_read_picks_the_memory_of_the_nearest_sentence():
         read_document(lm, hm, questions, "flat")
 
 
+def test_document_sentences_are_written_as_edit_writes_them():
+    """write_document stores `fact_latents` (encoded, then refined); steps=0 stores the encoder's latents."""
+    from larimar.editing import Refinement
+
+    chunks = [fact_text(f) for f in _cf()] + filler_sentences(PARAGRAPHS, 3)
+    lm = tiny_larimar()
+    hm = write_document(lm, chunks, chunk_items=4, batch_size=2)  # batches of 2: the same latents as one batch
+    _, expected = lm.fact_latents(chunks)
+    assert torch.allclose(hm.latents, expected, atol=1e-5)
+    enc = lm.model.encode_texts(chunks).float()
+    assert not torch.allclose(hm.latents, enc, atol=1e-3)  # refined: moved off the encoder's latents
+    one_shot = tiny_larimar(refinement=Refinement(steps=0))
+    assert torch.allclose(write_document(one_shot, chunks, chunk_items=4).latents, enc, atol=1e-5)
+    with pytest.raises(ValueError, match="at most"):
+        write_document(lm, ["x" * 5000])
+
+
 def test_plain_window_keeps_the_last_tokens():
     model = tiny_larimar().model
     tok = model.decoder_tokenizer

@@ -14,7 +14,15 @@ from tiny_larimar import bow_embed, save_tiny_checkpoint, tiny_larimar
 
 from larimar import cli
 from larimar.data import EditRequest
-from larimar.editing import Larimar, LarimarEngine, Refinement, fact_sentence, refine_latents, refinement_target
+from larimar.editing import (
+    Larimar,
+    LarimarEngine,
+    Refinement,
+    fact_sentence,
+    length_batches,
+    refine_latents,
+    refinement_target,
+)
 from larimar.scope import ScopeDetector
 
 FACT = "The capital of France is Rome."
@@ -157,8 +165,22 @@ def test_refine_latents_lowers_the_read_nll_and_changes_no_weight():
     with torch.inference_mode():
         R1 = refine_latents(model, Z, prompts, answers, Q, Refinement(steps=20, lr=0.5, batch_size=1))
     torch.testing.assert_close(R1, R, atol=1e-3, rtol=1e-3)  # padding: float noise, amplified by Adam
+    R2 = refine_latents(model, Z, prompts, answers, Q, Refinement(steps=20, lr=0.5, max_tokens=1))  # token budget
+    torch.testing.assert_close(R2, R1, atol=1e-5, rtol=1e-5)  # one row a batch, each back in its own place
     with pytest.raises(ValueError, match="2 latents, 1 prompts"):
         refine_latents(model, Z, prompts[:1], answers, Q, Refinement())
+
+
+def test_length_batches_sort_by_length_and_respect_both_limits():
+    lengths = [30, 5, 12, 5, 200, 11, 6]
+    batches = length_batches(lengths, batch_size=3, max_tokens=36)
+    assert sorted(i for b in batches for i in b) == list(range(7))  # every row once
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)  # shortest first
+    assert all(len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 36) for b in batches)
+    assert [4] in batches  # longer than the budget: alone
+    assert batches[0] == [1, 3, 6]  # 3 rows of <= 6 tokens: the row limit, not the budget, cuts here
+    assert length_batches([], 4, 10) == []
 
 
 def test_refinement_target_of_requests_and_sentences():
@@ -169,7 +191,7 @@ def test_refinement_target_of_requests_and_sentences():
 
 
 @pytest.mark.parametrize("kw, match", [({"steps": -1}, "steps"), ({"steps": 1.5}, "steps"), ({"lr": 0.0}, "rate"),
-                                       ({"batch_size": 0}, "batch_size")])
+                                       ({"batch_size": 0}, "batch_size"), ({"max_tokens": 0}, "max_tokens")])
 def test_refinement_config_is_checked(kw, match):
     with pytest.raises(ValueError, match=match):
         Refinement(**kw)

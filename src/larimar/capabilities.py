@@ -742,10 +742,9 @@ def load_editor(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     quiet_loading()
     if getattr(args, "seed", None) is not None:
         torch.manual_seed(args.seed)
-    refine = hasattr(args, "refine_steps")  # longcontext encodes its chunks itself: no refinement option
     lm = Larimar.from_pretrained(
         args.checkpoint, device=args.device, scope_threshold=args.scope_threshold, scope_encoder=args.scope_encoder,
-        use_scope=not args.no_scope, read_mode=args.read_mode, refinement=refinement_of(args) if refine else None,
+        use_scope=not args.no_scope, read_mode=args.read_mode, refinement=refinement_of(args),
     )
     fingerprint = lm.fingerprint
     k0 = lm.model.memory.config.num_slots
@@ -755,7 +754,7 @@ def load_editor(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             "slot_init": None if K == k0 else (f"M0[:{K}]" if K < k0 else f"M0 + {K - k0} {args.slot_init} rows"),
             "scope_threshold": args.scope_threshold, "scope_encoder": args.scope_encoder or "all-MiniLM-L6-v2",
             "use_scope": not args.no_scope, "read_mode": args.read_mode,
-            **({"refine_steps": args.refine_steps, "refine_lr": args.refine_lr} if refine else {}), "seed": args.seed,
+            "refine_steps": args.refine_steps, "refine_lr": args.refine_lr, "seed": args.seed,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info()}
     return lm, meta
@@ -967,16 +966,16 @@ def plot_bars(path: str | Path, title: str, labels: Sequence[str], values: Seque
     fig.savefig(str(path), dpi=120)
 
 
-def add_model_args(p: argparse.ArgumentParser, slots: int | None = None, refine: bool = True) -> None:
-    """Options shared by the capability commands (checkpoint, memory size, scope, output; with ``refine``,
-    the write-time latent refinement of facts written with `Larimar.edit`)."""
+def add_model_args(p: argparse.ArgumentParser, slots: int | None = None) -> None:
+    """Options shared by the capability commands (checkpoint, memory size, scope, output, and the write-time
+    latent refinement of what is written)."""
     p.add_argument("--out", required=True, help="output folder (summary.json, summary.md, a PNG, cases.jsonl)")
     p.add_argument("--checkpoint", default=None, help="Larimar checkpoint folder (default: the shipped one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--slots", type=int, default=slots,
                    help="memory slots K" + (f" (default {slots})" if slots else " (default: the checkpoint's)"))
     p.add_argument("--slot-init", choices=SLOT_INITS, default="random", help="rows added to M0 when K > K0")
-    add_read_args(p, refine=refine)
+    add_read_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
 

@@ -310,12 +310,15 @@ class Refinement:
     Attributes:
         steps: Adam steps per fact (0: off).
         lr: Adam learning rate.
-        batch_size: facts refined together (they do not interact: the loss is a sum over facts).
+        batch_size: the most facts refined together (they do not interact: the loss is a sum over facts).
+        max_tokens: the most decoder tokens in one batch, padding included (facts are batched by length, so long
+            sentences, e.g. a document's, come in smaller batches; memory grows with this number).
     """
 
     steps: int = 5
     lr: float = 0.1
     batch_size: int = 64
+    max_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -324,6 +327,8 @@ class Refinement:
             raise ValueError(f"refinement learning rate must be > 0, got {self.lr!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"refinement batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"refinement max_tokens must be an integer >= 1, got {self.max_tokens!r}")
 
 
 def refinement_target(sentence: str, request: EditRequest | None) -> tuple[str, str]:
@@ -334,6 +339,28 @@ def refinement_target(sentence: str, request: EditRequest | None) -> tuple[str, 
         return request.full_prompt, " " + request.target_new.strip()
     head, _, last = sentence.strip().rpartition(" ")
     return (head.rstrip(), " " + last) if head.strip() else ("", sentence)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Row indices grouped into batches by length: rows sorted by length, then cut so that a batch has at most
+    ``batch_size`` rows and ``rows * longest <= max_tokens`` (a row longer than ``max_tokens`` is a batch alone).
+
+    Args:
+        lengths: each row's length in tokens.
+        batch_size: the most rows in a batch.
+        max_tokens: the most padded tokens in a batch.
+
+    Returns:
+        every index once, in batches of non-decreasing length.
+    """
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        b = batches[-1] if batches else None
+        if b is None or len(b) >= batch_size or (len(b) + 1) * lengths[i] > max_tokens:
+            batches.append([i])
+        else:
+            b.append(i)
+    return batches
 
 
 def refine_latents(
@@ -352,7 +379,7 @@ def refine_latents(
         prompts: n prompts ("" to score the continuation alone, after the start token).
         continuations: n texts scored after their prompts (e.g. " Rome", or a whole sentence).
         queries: (n, C) query latents: the loss decodes from the one-fact read (q . z / |z|^2) z; None: from z.
-        refinement: steps, learning rate, batch size.
+        refinement: steps, learning rate, batch limits (rows are batched by length, `length_batches`).
 
     Returns:
         (n, C) float32 refined latents on ``Z``'s device (``Z`` itself when ``refinement.steps == 0``).
@@ -365,17 +392,21 @@ def refine_latents(
         return Z
     from tqdm.auto import tqdm
 
-    out = []
-    starts = range(0, n, refinement.batch_size)
+    tok = model.decoder_tokenizer
+    p_len = [len(x) for x in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+    c_len = [len(x) for x in tok(list(continuations), add_special_tokens=False)["input_ids"]]
+    batches = length_batches([1 + a + b for a, b in zip(p_len, c_len)], refinement.batch_size, refinement.max_tokens)
     with torch.inference_mode(False), torch.enable_grad():
-        for i in tqdm(starts, desc="refining latents", unit="batch", disable=len(starts) < 2, leave=False):
-            sl = slice(i, i + refinement.batch_size)
-            z = Z[sl].detach().clone().float().to(model.device).requires_grad_(True)  # (b, C)
-            q = None if queries is None else queries[sl].detach().clone().float().to(model.device)  # (b, C)
+        out = torch.empty(Z.shape, dtype=torch.float32, device=Z.device)  # (n, C), a normal tensor to fill in place
+        for rows in tqdm(batches, desc="refining latents", unit="batch", disable=len(batches) < 2, leave=False):
+            idx = torch.tensor(rows, device=Z.device)
+            z = Z[idx].detach().clone().float().to(model.device).requires_grad_(True)  # (b, C)
+            q = None if queries is None else queries[idx].detach().clone().float().to(model.device)  # (b, C)
+            ps, cs = [prompts[r] for r in rows], [continuations[r] for r in rows]
             opt = torch.optim.Adam([z], lr=refinement.lr)
             for _ in range(refinement.steps):
                 latent = z if q is None else one_fact_read(q, z)  # (b, C)
-                nll = model.continuation_nll(list(prompts[sl]), list(continuations[sl]), latent)  # (b,)
+                nll = model.continuation_nll(ps, cs, latent)  # (b,)
                 (z.grad,) = torch.autograd.grad(nll.float().sum(), [z])  # no gradient reaches the weights
                 opt.step()
             z = z.detach()
@@ -383,9 +414,9 @@ def refine_latents(
             if bad.any():
                 logger.warning("latent refinement diverged for %d fact(s); writing their encoder latents",
                                int(bad.sum()))
-                z[bad] = Z[sl][bad].float().to(z.device)
-            out.append(z.to(Z.device))
-    return torch.cat(out)
+                z[bad] = Z[idx][bad].float().to(z.device)
+            out[idx] = z.to(Z.device)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -520,22 +551,25 @@ class Larimar:
         return [(i, self._texts[i]) for i in self.memory.ids]
 
     @torch.inference_mode()
-    def encode_facts(self, sentences: list[str]) -> Tensor:
-        """The encoder's latents (n, C) float32 (CPU) of fact sentences (no refinement)."""
-        return self.model.encode_texts(list(sentences)).float().cpu()
+    def encode_facts(self, sentences: Sequence[str], batch_size: int = 64) -> Tensor:
+        """The encoder's latents (n, C) float32 (CPU) of fact sentences (no refinement), ``batch_size`` at a time."""
+        sentences = list(sentences)
+        parts = [self.model.encode_texts(sentences[i : i + batch_size]).float().cpu()
+                 for i in range(0, len(sentences), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros((0, self.model.config.latent_size))
 
-    def fact_latents(self, facts: Sequence[FactLike]) -> tuple[list[str], Tensor]:
+    def fact_latents(self, facts: Sequence[FactLike], batch_size: int = 64) -> tuple[list[str], Tensor]:
         """The sentences and the latents (n, C) float32 (CPU) that `edit` writes for facts: encoded, then refined.
 
         An edit request is refined on its answer after its prompt, a plain sentence on its last word after the rest
-        (`refinement_target`).
+        (`refinement_target`). ``batch_size``: sentences per encoder forward.
 
         Raises:
             ValueError: a bad fact.
         """
         parsed = [as_fact(f, self.max_chars) for f in facts]
         sentences = [s for s, _ in parsed]
-        return sentences, self._refine(parsed, self.encode_facts(sentences))
+        return sentences, self._refine(parsed, self.encode_facts(sentences, batch_size))
 
     def _refine(self, parsed: list[tuple[str, EditRequest | None]], Z: Tensor) -> Tensor:
         """The refined latents (n, C) (CPU) of parsed facts (`as_fact`) whose encoder latents are Z (n, C)."""

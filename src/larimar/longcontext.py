@@ -8,9 +8,10 @@ seeded random order). The question for a fact is ``prompt(subject)``; an answer 
 
 Larimar (`write_document`, `read_document`). The document is split into sentences, each sentence one item: the
 benchmark keeps the sentence units it was built from (filler sentences come from `larimar.scope.split_sentences`;
-`chunk_document` splits any other text the same way). Items are written in document order into chunk memories of
-``chunk_items`` items (default K), one batch write each, so a document longer than K sentences is a list of
-memories. A question is answered from
+`chunk_document` splits any other text the same way). Each sentence is encoded as `Larimar.edit` encodes one (the
+encoder's latent, refined on the sentence's last word after the rest: ``--refine-steps``, 0 for the paper's one-shot
+encoding). Items are written in document order into chunk memories of ``chunk_items`` items (default K), one batch
+write each, so a document longer than K sentences is a list of memories. A question is answered from
 one latent, chosen hierarchically:
 
     scope      (default) the chunk memory holding the sentence nearest to the question (scope encoder cosine, per
@@ -160,13 +161,21 @@ class HierarchicalMemory:
 @torch.inference_mode()
 def write_document(lm: Any, chunks: Sequence[str], chunk_items: int | None = None,
                    batch_size: int = 64) -> HierarchicalMemory:
-    """Encodes the chunks and writes them, in order, into memories of ``chunk_items`` items (default: K).
+    """Encodes the chunks as `Larimar.edit` encodes sentences, and writes them, in order, into memories of
+    ``chunk_items`` items (default: K).
+
+    Each chunk's latent is ``lm.fact_latents``: the encoder's, then refined with ``lm.refinement`` on the chunk's
+    last word after the rest (none with ``Refinement(steps=0)``, the paper's one-shot encoding).
 
     Args:
-        lm: a `Larimar` editor (its model, memory config and scope encoder are used; its memory is not touched).
+        lm: a `Larimar` editor (its model, refinement, memory config and scope encoder are used; its memory is not
+            touched).
         chunks: the items (sentences).
         chunk_items: items per chunk memory.
         batch_size: texts per encoder forward.
+
+    Raises:
+        ValueError: no chunks, ``chunk_items < 1``, or a chunk that is not a sentence `Larimar.edit` accepts.
     """
     chunks = list(chunks)
     if not chunks:
@@ -174,8 +183,7 @@ def write_document(lm: Any, chunks: Sequence[str], chunk_items: int | None = Non
     per = chunk_items or lm.model.memory.config.num_slots
     if per < 1:
         raise ValueError(f"chunk_items must be >= 1, got {per}")
-    Z = torch.cat([lm.model.encode_texts(chunks[i : i + batch_size]).float().cpu()
-                   for i in range(0, len(chunks), batch_size)])  # (S, C)
+    _, Z = lm.fact_latents(chunks, batch_size)  # (S, C)
     ids = [f"c{i}" for i in range(len(chunks))]
     memories, group_of = [], []
     for g, lo in enumerate(range(0, len(chunks), per)):
@@ -458,12 +466,13 @@ def run_longcontext(args: argparse.Namespace) -> dict[str, Any]:
                "after the question", "results": results, **meta}
     write_summary(d, summary)
     cols = ["n_facts", "recall", "recall_plain", "n_plain", "recall_on_plain_sample", "recall_none",
-            "facts_in_window", "right_memory", "read_ms", "plain_ms", "n_sentences", "n_doc_tokens", "n_memories"]
+            "facts_in_window", "right_memory", "write_s", "read_ms", "plain_ms", "n_sentences", "n_doc_tokens",
+            "n_memories"]
     write_table(d / "summary.md", "long-context recall",
                 [f"Facts (CounterFact, target_new) in Wikipedia text, {args.filler_per_fact} filler sentences per "
-                 f"fact; Larimar: sentence items in chunk memories of {results[0]['chunk_items']} items, hierarchy "
-                 f"{args.hierarchy!r}, read mode {args.read_mode!r}; plain: z = 0 with the last {args.window} tokens "
-                 "before the question."], results, cols)
+                 f"fact; Larimar: sentence items ({_refined(args.refine_steps)}) in chunk memories of "
+                 f"{results[0]['chunk_items']} items, hierarchy {args.hierarchy!r}, read mode {args.read_mode!r}; "
+                 f"plain: z = 0 with the last {args.window} tokens before the question."], results, cols)
     xs = [r["n_facts"] for r in results]
     plot_lines(d / "longcontext.png", "Long-context recall", "facts in the document", "recall",
                {"larimar": (xs, [r["recall"] for r in results]),
@@ -471,6 +480,10 @@ def run_longcontext(args: argparse.Namespace) -> dict[str, Any]:
                 "no context": (xs, [r["recall_none"] for r in results])}, logx=True)
     print("\n".join((d / "summary.md").read_text().splitlines()[4:]))
     return summary
+
+
+def _refined(steps: int) -> str:
+    return f"latents refined in {steps} steps" if steps else "one-shot encoder latents"
 
 
 def add_longcontext_parser(esub: argparse._SubParsersAction) -> None:
@@ -496,7 +509,7 @@ def add_longcontext_parser(esub: argparse._SubParsersAction) -> None:
                    help="ask the plain decoder a seeded sample of this many questions per document (0: all)")
     p.add_argument("--plain-batch-size", type=int, default=4,
                    help="rows per forward after the shared context (each holds a copy of its KV cache)")
-    add_model_args(p, refine=False)  # the document's sentences are encoded as they are
+    add_model_args(p)
     p.set_defaults(func=lambda a: (run_longcontext(_with_default_data(a, cf)), 0)[1])
 
 
