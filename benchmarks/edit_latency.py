@@ -16,7 +16,7 @@ import time
 import torch
 
 from larimar.data import load_counterfact
-from larimar.editing import Larimar, Refinement
+from larimar.editor import Larimar, Refinement
 
 
 def main() -> None:

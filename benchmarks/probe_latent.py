@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=40, help="records")
     args = p.parse_args()
     if args.checkpoint is None:
-        from larimar.editing import DEFAULT_CHECKPOINT
+        from larimar.editor import DEFAULT_CHECKPOINT
 
         args.checkpoint = DEFAULT_CHECKPOINT
     model = LarimarModel.from_pretrained(args.checkpoint).eval()

@@ -5,7 +5,7 @@ The three facts of `larimar demo` and the first ``--n`` CounterFact records are 
 
 - ``one-shot``: the encoder's latents (``--refine-steps 0``);
 - ``whole sentence``: latents refined on the whole sentence, read at the sentence's own latent;
-- ``default``: latents refined as `Larimar.edit` does (`larimar.editing.refinement_target`: the last word after the
+- ``default``: latents refined as `Larimar.edit` does (`larimar.editor.refine.refinement_target`: the last word after the
   rest, read at the rest's latent).
 
 Each fact is then asked with its prompt: ES = NLL(new object) < NLL(true object).
@@ -19,7 +19,8 @@ import argparse
 import statistics
 
 from larimar.data import load_counterfact
-from larimar.editing import Larimar, Refinement, refine_latents
+from larimar.editor import Larimar, Refinement
+from larimar.editor.refine import refine_latents
 
 DEMO = [("The Eiffel Tower is located in the city of", "Rome", "Paris"),
         ("The mother tongue of Danielle Darrieux is", "English", "French"),

@@ -22,7 +22,8 @@ import yaml
 from larimar.backbones import load_decoder
 from larimar.baselines import load_hparams
 from larimar.data import load_counterfact
-from larimar.evaluation import BASELINE_CONFIGS, HFBaselineEditor, evaluate_counterfact
+from larimar.eval.editors import BASELINE_CONFIGS, HFBaselineEditor
+from larimar.eval.edits import evaluate_counterfact
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

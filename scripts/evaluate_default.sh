@@ -9,7 +9,7 @@ LIMIT_CF=${LIMIT_CF:-929}
 LIMIT_EE=${LIMIT_EE:-2000}
 .venv/bin/larimar bench memory --out "$OUT/bench_memory_cpu.json"
 .venv/bin/larimar eval reconstruct --data "$DATA/wikipedia_en/enwiki_2018_validation.jsonl" --limit 200 \
-  --out "$OUT/reconstruct"
+  --wikitext "$DATA/wikitext103/wiki.valid.tokens" --out "$OUT/reconstruct"
 .venv/bin/larimar eval counterfact --data "$DATA/counterfact_rome/counterfact_rome_929.json" --limit "$LIMIT_CF" \
   --methods larimar,none --protocol counterfact_prob --out "$OUT/counterfact_rome"
 .venv/bin/larimar eval counterfact --data "$DATA/counterfact_easyedit/counterfact-edit.json" --limit "$LIMIT_EE" \

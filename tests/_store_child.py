@@ -18,7 +18,7 @@ import sys
 import torch
 
 from larimar.memory import EpisodicMemory, MemoryConfig
-from larimar.store import MemoryStore
+from larimar.serving.store import MemoryStore
 
 FINGERPRINT = "kill-test"
 NAMESPACE = "crash"

@@ -16,7 +16,13 @@ import torch
 from tokenizers import Tokenizer, normalizers
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 from larimar.baselines import (
     ARCHITECTURES,
@@ -329,7 +335,7 @@ def test_ike_smollm2_config_finds_its_demonstrations(tok, monkeypatch: pytest.Mo
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_shared_prefix_scoring_matches_full_forward(tok, kind):
     """IKE-style rows with a long common prefix: the cached-prefix path scores exactly like one full forward."""
-    from larimar.evaluation import teacher_forced
+    from larimar.eval.editors import teacher_forced
 
     model = tiny_model(kind)
     prefix = " ".join(WORDS[:40]) + " new fact "
@@ -340,7 +346,7 @@ def test_shared_prefix_scoring_matches_full_forward(tok, kind):
 
     def cached(ids, mask, P):
         calls.append(P)
-        from larimar.evaluation import shared_prefix_logits
+        from larimar.eval.editors import shared_prefix_logits
 
         return shared_prefix_logits(model, ids, mask, P)
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from larimar import cli
 from larimar.backbones import BackboneNotFoundError, load_decoder, load_encoder
 from larimar.bench import bench_memory, format_table
+from larimar.cli.main import main as cli_main
 
 REQUIRED = {"K", "C", "N", "B", "solver", "median_ms", "pinv_median_ms", "speedup", "max_rel_error"}
 
@@ -31,7 +31,7 @@ def test_bench_cli_writes_json(tmp_path, monkeypatch, capsys):
     small = functools.partial(bench.bench_memory, shapes=((32, 16, 4, 1),), item_shape=(32, 16))
     monkeypatch.setattr(bench, "bench_memory", small)
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "memory", "--out", str(out), "--repeats", "1"]) == 0
+    assert cli_main(["bench", "memory", "--out", str(out), "--repeats", "1"]) == 0
     rows = json.loads(out.read_text())
     assert {r["op"] for r in rows} == {"write_read", "sequential_write", "forget"}
     assert "| write_read |" in capsys.readouterr().out
@@ -54,7 +54,7 @@ def test_missing_default_package_names_what_to_install(monkeypatch):
 
 
 def test_cli_reports_user_errors_without_traceback(capsys):
-    assert cli.main(["bench", "memory", "--device", "cuda"]) in (0, 2)  # 2 without a GPU: one clear line
+    assert cli_main(["bench", "memory", "--device", "cuda"]) in (0, 2)  # 2 without a GPU: one clear line
     err = capsys.readouterr().err
     assert "Traceback" not in err
 

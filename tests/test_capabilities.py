@@ -1,8 +1,7 @@
-"""Larimar's capabilities (larimar.capabilities, larimar.longcontext) on tiny random models and fixtures."""
+"""Larimar's capabilities (larimar.eval) on tiny random models and fixtures."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -12,20 +11,30 @@ import torch
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 from tiny_larimar import backbones, save_tiny_checkpoint, tiny_larimar
 
-from larimar import capabilities as cap
-from larimar import cli, evaluation
+from larimar.cli.main import main
 from larimar.data import EditRequest, load_counterfact, load_zsre
-from larimar.evaluation import LarimarEditor
-from larimar.longcontext import (
+from larimar.eval.capacity import evaluate_capacity
+from larimar.eval.editors import LarimarEditor, SequentialHFEditor
+from larimar.eval.forgetting import (
+    evaluate_forgetting,
+    forget_exactness,
+    unknown_request,
+)
+from larimar.eval.leakage import attack_prompts, evaluate_leakage, sample_hf
+from larimar.eval.longcontext import (
     build_document,
     chunk_document,
     evaluate_longcontext,
     fact_text,
     filler_sentences,
+    paraphrase_question,
     plain_window_nll,
     read_document,
     write_document,
 )
+from larimar.eval.metrics import contains_answer
+from larimar.eval.sequential import evaluate_sequential
+from larimar.memory import resize_memory
 
 CF = FIXTURES / "cf_tiny.json"
 ZSRE = FIXTURES / "zsre_tiny.json"
@@ -59,27 +68,27 @@ def test_resize_memory_keeps_learned_rows():
     mem = tiny_larimar().model.memory  # K0 = 8, C = 16
     with torch.no_grad():
         mem.M0.add_(0.1 * torch.randn(mem.M0.shape, generator=torch.Generator().manual_seed(1)))
-    assert cap.resize_memory(mem, 8) is mem
-    small = cap.resize_memory(mem, 5)
+    assert resize_memory(mem, 8) is mem
+    small = resize_memory(mem, 5)
     assert small.config.num_slots == 5 and torch.equal(small.M0, mem.M0[:5])
-    big = cap.resize_memory(mem, 12, "random", seed=3)
+    big = resize_memory(mem, 12, "random", seed=3)
     assert big.config.num_slots == 12 and big.M0.shape == (12, 16) and torch.equal(big.M0[:8], mem.M0)
     med = mem.M0.norm(dim=1).median()
     assert torch.allclose(big.M0[8:].norm(dim=1), med.expand(4), rtol=1e-5)
-    assert torch.equal(cap.resize_memory(mem, 12, "random", seed=3).M0, big.M0)  # seeded
-    eye = cap.resize_memory(mem, 12, "eye")
+    assert torch.equal(resize_memory(mem, 12, "random", seed=3).M0, big.M0)  # seeded
+    eye = resize_memory(mem, 12, "eye")
     assert torch.equal(eye.M0[8:], torch.eye(12, 16)[8:])
     assert mem.config.num_slots == 8  # the original is untouched
     with pytest.raises(ValueError, match="slot init"):
-        cap.resize_memory(mem, 12, "zeros")
+        resize_memory(mem, 12, "zeros")
 
 
 def test_set_num_slots_gives_the_editor_a_k_slot_memory():
     lm = tiny_larimar()
-    assert cap.set_num_slots(lm, 20) == 20
+    assert lm.resize_memory(20) == 20
     assert lm.memory.M.shape == (20, 16) and lm.memory.U.shape == (20, 20)
     lm.edit(["the capital of france is rome"])
-    assert cap.set_num_slots(lm, None) == 20 and len(lm) == 0
+    assert lm.resize_memory(None) == 20 and len(lm) == 0
 
 
 def test_forgetting_is_exact_at_the_memory_level():
@@ -97,10 +106,10 @@ def test_forgetting_is_exact_at_the_memory_level():
     assert float(lm.memory.M.abs().max()) > 1e-3  # a real memory was compared, not two zeros
     full = tiny_larimar()
     full.edit(facts, ids=["a", "b", "c"])  # one batch write
-    assert cap.forget_exactness(full.memory, "b") < 1e-10
+    assert forget_exactness(full.memory, "b") < 1e-10
     assert len(full.memory) == 3  # forget_exactness works on copies
     with pytest.raises(KeyError):
-        cap.forget_exactness(full.memory, "zzz")
+        forget_exactness(full.memory, "zzz")
 
 
 # -- 1. sequential editing ------------------------------------------------------------------------------------
@@ -109,7 +118,7 @@ def test_forgetting_is_exact_at_the_memory_level():
 def test_sequential_larimar_curve_and_keys():
     records = load_zsre(ZSRE).records
     lm = tiny_larimar()
-    s = cap.evaluate_sequential(LarimarEditor(lm), records, checkpoints=(1, 2, 50), batch_size=2)
+    s = evaluate_sequential(LarimarEditor(lm), records, checkpoints=(1, 2, 50), batch_size=2)
     for key in ("edit_retention", "edit_retention_em", "rephrase_acc", "locality", "locality_none",
                 "edit_retention_none"):
         assert 0.0 <= s[key] <= 1.0, key
@@ -132,7 +141,7 @@ def test_sequential_edits_accumulate_in_one_memory():
         seen.append(len(lm))
 
     ed.edit = spy
-    cap.evaluate_sequential(ed, records, checkpoints=(), batch_size=8)
+    evaluate_sequential(ed, records, checkpoints=(), batch_size=8)
     assert seen == [1, 2, 3]  # one write per fact, never reset in between
 
 
@@ -140,13 +149,13 @@ def test_sequential_grace_baseline_restores_weights():
     pytest.importorskip("larimar.baselines")
     from larimar.baselines import load_hparams
     from larimar.baselines.grace import grace_codebook
-    from larimar.evaluation import HFBaselineEditor
+    from larimar.eval.editors import HFBaselineEditor
 
     _, _, dec, dtok = backbones(0)
     before = {k: v.clone() for k, v in dec.state_dict().items()}
     base = HFBaselineEditor("grace", dec, dtok, load_hparams("grace", GRACE_TINY), start_token_id=dtok.eos_token_id)
-    ed = cap.SequentialHFEditor.from_editor(base)
-    s = cap.evaluate_sequential(ed, load_zsre(ZSRE).records, checkpoints=(2,), batch_size=4)
+    ed = SequentialHFEditor.from_editor(base)
+    s = evaluate_sequential(ed, load_zsre(ZSRE).records, checkpoints=(2,), batch_size=4)
     assert s["method"] == "grace" and s["n_edits"] == 3 and len(s["curve"]) == 2
     for key in ("edit_retention", "rephrase_acc", "locality", "edit_retention_none"):
         assert 0.0 <= s[key] <= 1.0, key
@@ -158,11 +167,11 @@ def test_sequential_hf_editor_applies_one_request_at_a_time():
     pytest.importorskip("larimar.baselines")
     from larimar.baselines import load_hparams
     from larimar.baselines.grace import grace_codebook
-    from larimar.evaluation import HFBaselineEditor
+    from larimar.eval.editors import HFBaselineEditor
 
     _, _, dec, dtok = backbones(0)
     hp = load_hparams("grace", GRACE_TINY)
-    ed = cap.SequentialHFEditor.from_editor(HFBaselineEditor("grace", dec, dtok, hp))
+    ed = SequentialHFEditor.from_editor(HFBaselineEditor("grace", dec, dtok, hp))
     records = load_zsre(ZSRE).records
     p, new = records[0].full_prompt, " " + records[0].target_new
     nll0 = float(ed.score([p], [new])[0])
@@ -178,11 +187,11 @@ def test_sequential_hf_editor_keys_match_the_scoring_context():
     # scoring prepends the start token: keys computed without it never match (GRACE then does nothing)
     pytest.importorskip("larimar.baselines")
     from larimar.baselines import load_hparams
-    from larimar.evaluation import HFBaselineEditor
+    from larimar.eval.editors import HFBaselineEditor
 
     _, _, dec, dtok = backbones(0)
     base = HFBaselineEditor("grace", dec, dtok, load_hparams("grace", GRACE_TINY), start_token_id=dtok.eos_token_id)
-    ed = cap.SequentialHFEditor.from_editor(base)
+    ed = SequentialHFEditor.from_editor(base)
     r = load_zsre(ZSRE).records[0]
     p, new = r.full_prompt, " " + r.target_new
     nll0 = float(ed.score([p], [new])[0])
@@ -196,18 +205,22 @@ def test_sequential_hf_editor_keys_match_the_scoring_context():
 
 def test_capacity_rows():
     lm = tiny_larimar()
-    rows = cap.evaluate_capacity(lm, _many_facts(12), [2, 4, 12, 100], batch_size=4)
+    rows = evaluate_capacity(lm, _many_facts(12), [2, 4, 12, 100], batch_size=4)
     assert [r["n"] for r in rows] == [2, 4, 12]  # 100 > the facts loaded: skipped
     for r in rows:
-        for k in ("rewrite_acc", "token_acc", "rewrite_acc_none", "token_acc_none", "scope_rate"):
+        for k in ("rewrite_acc", "token_acc", "rewrite_acc_none", "token_acc_none", "scope_rate", "rewrite_acc_rag",
+                  "token_acc_rag", "scope_rate_rag"):
             assert 0.0 <= r[k] <= 1.0
+        assert r["rag_write_s"] > 0
     assert len(lm) == 0
+    never = evaluate_capacity(tiny_larimar(threshold=2.0), _many_facts(4), [4], batch_size=4)[0]
+    assert never["scope_rate_rag"] == 0.0 and never["rewrite_acc_rag"] == never["rewrite_acc_none"]
     assert [r["n_scored"] for r in rows] == [2, 4, 12]
     with pytest.raises(ValueError, match="no N"):
-        cap.evaluate_capacity(lm, _many_facts(3), [10])
-    sampled = cap.evaluate_capacity(lm, _many_facts(12), [4, 12], batch_size=4, sample=5, seed=1)
+        evaluate_capacity(lm, _many_facts(3), [10])
+    sampled = evaluate_capacity(lm, _many_facts(12), [4, 12], batch_size=4, sample=5, seed=1)
     assert [r["n_scored"] for r in sampled] == [4, 5]  # every fact when N <= sample, else the sample
-    again = cap.evaluate_capacity(lm, _many_facts(12), [12], batch_size=4, sample=5, seed=1)
+    again = evaluate_capacity(lm, _many_facts(12), [12], batch_size=4, sample=5, seed=1)
     assert again[0]["rewrite_acc"] == sampled[1]["rewrite_acc"]  # the sample is seeded
 
 
@@ -217,15 +230,16 @@ def test_capacity_rows():
 @pytest.mark.parametrize("replace_unknown", [False, True])
 def test_forgetting_summary(replace_unknown):
     lm = tiny_larimar()
-    summary, rows = cap.evaluate_forgetting(lm, _many_facts(6), n=5, trials=3, replace_unknown=replace_unknown,
+    summary, rows = evaluate_forgetting(lm, _many_facts(6), n=5, trials=3, replace_unknown=replace_unknown,
                                             retained_sample=2, batch_size=4)
-    for k in ("forgotten_recall", "forgotten_recall_none", "retained_recall", "forgotten_em", "retained_em"):
+    for k in ("forgotten_recall", "forgotten_recall_none", "retained_recall", "forgotten_em", "retained_em",
+              "forgotten_recall_rag", "retained_recall_rag", "forgotten_em_rag", "retained_em_rag"):
         assert 0.0 <= summary[k] <= 1.0, k
     assert summary["n"] == 5 and summary["trials"] == 3 and len(rows) == 3
     assert len({r["case_id"] for r in rows}) == 3 and all(r["n_retained_measured"] == 2 for r in rows)
     assert summary["forget_max_abs_error"] < 1e-10
     with pytest.raises(ValueError):
-        cap.evaluate_forgetting(lm, _many_facts(3), n=10)
+        evaluate_forgetting(lm, _many_facts(3), n=10)
 
 
 def test_forget_trial_restores_the_memory():
@@ -235,7 +249,7 @@ def test_forget_trial_restores_the_memory():
         lm.edit([f], ids=[f"f{i}"])
     M = lm.memory.M.clone()
     lm.forget(["f2"])
-    lm.edit([cap.unknown_request(facts[2])], ids=["u"])
+    lm.edit([unknown_request(facts[2])], ids=["u"])
     assert "unknown" in lm.facts[-1][1]
     lm.forget(["u"])
     lm.edit([facts[2]], ids=["f2"])
@@ -246,24 +260,25 @@ def test_forget_trial_restores_the_memory():
 
 
 def test_contains_answer_and_attack_prompts():
-    assert cap.contains_answer("It is Paris, of course", "paris")
-    assert not cap.contains_answer("Parisian food", "Paris")
-    assert cap.contains_answer("in New York City", "new york")
-    assert not cap.contains_answer("anything", " ")
+    assert contains_answer("It is Paris, of course", "paris")
+    assert not contains_answer("Parisian food", "Paris")
+    assert contains_answer("in New York City", "new york")
+    assert not contains_answer("anything", " ")
     req = _cf()[0]
-    ps = cap.attack_prompts(req, 4)
-    assert ps[0] == req.full_prompt and ps[1:] == req.paraphrase_prompts and len(cap.attack_prompts(req, 2)) == 2
+    ps = attack_prompts(req, 4)
+    assert ps[0] == req.full_prompt and ps[1:] == req.paraphrase_prompts and len(attack_prompts(req, 2)) == 2
 
 
 def test_leakage_is_seeded_and_reports_rates():
     lm = tiny_larimar()
     kw = dict(n=3, n_samples=2, max_new_tokens=3, seed=5)
-    s1, rows1 = cap.evaluate_leakage(lm, _cf(), **kw)
-    s2, rows2 = cap.evaluate_leakage(lm, _cf(), **kw)
+    s1, rows1 = evaluate_leakage(lm, _cf(), **kw)
+    s2, rows2 = evaluate_leakage(lm, _cf(), **kw)
     assert rows1 == rows2 and s1 == s2
-    for k in ("attack_success", "attack_success_none", "unknown_rate", "scope_rate"):
+    for k in ("attack_success", "attack_success_none", "unknown_rate", "scope_rate", "attack_success_rag",
+              "scope_rate_rag", "unknown_rate_rag"):
         assert 0.0 <= s1[k] <= 1.0
-    assert all(len(r["generations"]) == len(cap.attack_prompts(_cf()[i])) for i, r in enumerate(rows1))
+    assert all(len(r["generations"]) == len(attack_prompts(_cf()[i])) for i, r in enumerate(rows1))
     assert all(len(g) == 2 for r in rows1 for g in r["generations"])
     assert len(lm) == 0
 
@@ -271,8 +286,8 @@ def test_leakage_is_seeded_and_reports_rates():
 def test_sample_hf_is_seeded():
     _, _, dec, dtok = backbones(0)
     g = torch.Generator().manual_seed(0)
-    a = cap.sample_hf(dec, dtok, dtok.eos_token_id, "the capital of france is", 3, 4, 1.0, 0.9, g)
-    b = cap.sample_hf(dec, dtok, dtok.eos_token_id, "the capital of france is", 3, 4, 1.0, 0.9,
+    a = sample_hf(dec, dtok, dtok.eos_token_id, "the capital of france is", 3, 4, 1.0, 0.9, g)
+    b = sample_hf(dec, dtok, dtok.eos_token_id, "the capital of france is", 3, 4, 1.0, 0.9,
                       torch.Generator().manual_seed(0))
     assert a == b and len(a) == 3
 
@@ -329,7 +344,7 @@ def test_hierarchical_read_picks_the_memory_of_the_nearest_sentence():
 
 def test_document_sentences_are_written_as_edit_writes_them():
     """write_document stores `fact_latents` (encoded, then refined); steps=0 stores the encoder's latents."""
-    from larimar.editing import Refinement
+    from larimar.editor import Refinement
 
     chunks = [fact_text(f) for f in _cf()] + filler_sentences(PARAGRAPHS, 3)
     lm = tiny_larimar()
@@ -383,12 +398,25 @@ def test_plain_window_cached_context_matches_full_forward():
 def test_longcontext_summary():
     lm = tiny_larimar()
     s, rows = evaluate_longcontext(lm, _cf(), PARAGRAPHS, 3, filler_per_fact=2, window=30, chunk_items=4)
-    for k in ("recall", "recall_plain", "recall_none", "facts_in_window", "right_memory"):
+    for k in ("recall", "recall_plain", "recall_none", "recall_rag", "facts_in_window", "right_memory",
+              "prefix_recall", "prefix_recall_plain", "prefix_recall_rag", "prefix_recall_none", "rag_scope_rate"):
         assert 0.0 <= s[k] <= 1.0, k
+    # the questions are the paraphrases without their distractor sentence, not the written sentences' beginnings
+    by_case = {r.case_id: r for r in _cf()}
+    for row in rows:
+        assert row["question"] == paraphrase_question(by_case[row["case_id"]])
+        assert row["question"] != row["prefix_question"] and row["question_kind"] == "paraphrase"
+    # recall inside / outside the plain decoder's window, from the per-fact rows
+    for key in ("success", "success_plain", "success_rag", "success_none"):
+        name = {"success": "recall"}.get(key, "recall" + key[len("success"):])
+        for where, tag in ((True, "_in_window"), (False, "_out_window")):
+            vals = [float(r[key]) for r in rows if r["fact_in_window"] is where]
+            assert s[name + tag] == (sum(vals) / len(vals) if vals else None)
+    assert s["n_in_window"] + s["n_out_window"] == 3
     assert s["n_facts"] == 3 and s["n_sentences"] == 9 and s["n_memories"] == 3 and s["read_ms"] > 0
     assert len(rows) == 3
     s_wide, _ = evaluate_longcontext(lm, _cf(), PARAGRAPHS, 3, filler_per_fact=2, window=4000, chunk_items=4)
-    assert s_wide["facts_in_window"] == 1.0
+    assert s_wide["facts_in_window"] == 1.0 and s_wide["recall_plain_out_window"] is None
     assert s["n_plain"] == 3 and s["recall_on_plain_sample"] == s["recall"]
     # the plain decoder asked a seeded sample of 2 of the 3 questions: the same answers on those
     s2, rows2 = evaluate_longcontext(lm, _cf(), PARAGRAPHS, 3, filler_per_fact=2, window=30, chunk_items=4,
@@ -409,19 +437,8 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture
-def with_capabilities(monkeypatch):
-    regs = cli._optional_registrars
-
-    def patched():
-        out = regs()
-        return out if cap.add_cli in out else [*out, cap.add_cli]
-
-    monkeypatch.setattr(cli, "_optional_registrars", patched)
-
-
 def _run(args, capsys):
-    code = cli.main(args)
+    code = main(args)
     assert code == 0, capsys.readouterr().err
 
 
@@ -436,31 +453,20 @@ def _files(out, png, cases=True):
     return json.loads((out / "summary.json").read_text())
 
 
-def test_cli_sequential(tmp_path, capsys, checkpoint, with_capabilities):
+def test_cli_sequential(tmp_path, capsys, checkpoint):
     pytest.importorskip("larimar.baselines")
     out = tmp_path / "seq"
-    _run(["eval", "sequential", "--data", str(ZSRE), "--sequential", "--edits", "2", "--slots", "12",
-          "--checkpoints", "1", "--baselines", "grace", "--hparams", f"grace={GRACE_TINY}",
+    _run(["eval", "sequential", "--data", str(ZSRE), "--edits", "2", "--slots", "12",
+          "--checkpoints", "1", "--baselines", "rag,grace", "--hparams", f"grace={GRACE_TINY}",
           *_common(checkpoint, out)], capsys)
     s = _files(out, "sequential.png")
     for k in ("edit_retention", "rephrase_acc", "locality", "locality_none", "n_edits", "curve"):
         assert k in s, k
     assert s["n_edits"] == 2 and s["slots"] == 12 and s["slot_init"] == "M0 + 4 random rows"
-    assert [p["n_edits"] for p in s["curve"]] == [1, 2] and "grace" in s["baselines"]
-    # the issue's spelling: `larimar eval zsre --sequential`, baselines through --methods
-    out2 = tmp_path / "seq_zsre"
-    _run(["eval", "zsre", "--data", str(ZSRE), "--sequential", "--edits", "2", "--slots", "12", "--checkpoints", "1",
-          "--methods", "larimar,grace", "--hparams", f"grace={GRACE_TINY}", "--checkpoint", str(checkpoint),
-          "--scope-encoder", "larimar", "--out", str(out2)], capsys)
-    s2 = _files(out2, "sequential.png")
-    assert s2["n_edits"] == 2 and "grace" in s2["baselines"]
-    assert s2["edit_retention"] == s["edit_retention"]  # the same run
-    assert s["refine_steps"] == s2["refine_steps"] == 5  # both spellings refine the written latents
-    code = cli.main(["eval", "zsre", "--data", str(ZSRE), "--sequential", "--methods", "none",
-                     "--checkpoint", str(checkpoint), "--out", str(tmp_path / "bad")])
-    assert code != 0 and "larimar or a weight editor" in capsys.readouterr().err
-    assert len((out / "cases.jsonl").read_text().splitlines()) == 4  # 2 facts x 2 methods
-    assert "| grace |" in (out / "summary.md").read_text()
+    assert [p["n_edits"] for p in s["curve"]] == [1, 2] and "grace" in s["baselines"] and "rag" in s["baselines"]
+    assert s["refine_steps"] == 5  # the written latents are refined
+    assert len((out / "cases.jsonl").read_text().splitlines()) == 6  # 2 facts x 3 methods
+    assert "| grace |" in (out / "summary.md").read_text() and "| rag |" in (out / "summary.md").read_text()
     # a baseline alone, its curve plotted beside the earlier run's (--compare)
     out3 = tmp_path / "seq_grace"
     _run(["eval", "sequential", "--data", str(ZSRE), "--edits", "3", "--slots", "12", "--checkpoints", "1",
@@ -477,20 +483,21 @@ def test_cli_sequential(tmp_path, capsys, checkpoint, with_capabilities):
     _run(["eval", "sequential", "--data", str(ZSRE), "--no-larimar", "--compare", str(out), "--compare", str(out3),
           "--out", str(out4)], capsys)
     s4 = _files(out4, "sequential.png", cases=False)
-    assert s4["task"] == "sequential_compare" and [r["method"] for r in s4["rows"]] == ["larimar", "grace", "grace"]
-    assert s4["rows"][2]["n_edits"] == 3 and s4["rows"][2]["edit_retention"] == s3["edit_retention"]
-    assert s4["rows"][0]["read_mode"] == "keyed" and "read_mode" not in s4["rows"][2]  # grace has no read mode
-    code = cli.main(["eval", "sequential", "--data", str(ZSRE), "--no-larimar", "--compare", str(out4),
+    assert s4["task"] == "sequential_compare"
+    assert [r["method"] for r in s4["rows"]] == ["larimar", "rag", "grace", "grace"]
+    assert s4["rows"][3]["n_edits"] == 3 and s4["rows"][3]["edit_retention"] == s3["edit_retention"]
+    assert s4["rows"][0]["read_mode"] == "keyed" and "read_mode" not in s4["rows"][3]  # grace has no read mode
+    code = main(["eval", "sequential", "--data", str(ZSRE), "--no-larimar", "--compare", str(out4),
                      "--out", str(tmp_path / "d")])
     assert code == 2 and "not the drawing" in capsys.readouterr().err
-    code = cli.main(["eval", "sequential", "--data", str(ZSRE), "--no-larimar", *_common(checkpoint, tmp_path / "b")])
+    code = main(["eval", "sequential", "--data", str(ZSRE), "--no-larimar", *_common(checkpoint, tmp_path / "b")])
     assert code == 2 and "--no-larimar needs --baselines" in capsys.readouterr().err
-    code = cli.main(["eval", "sequential", "--data", str(ZSRE), "--compare", str(tmp_path / "nowhere"),
+    code = main(["eval", "sequential", "--data", str(ZSRE), "--compare", str(tmp_path / "nowhere"),
                      *_common(checkpoint, tmp_path / "c")])
     assert code == 2 and "--compare" in capsys.readouterr().err
 
 
-def test_cli_capacity_forget_leakage(tmp_path, capsys, checkpoint, with_capabilities):
+def test_cli_capacity_forget_leakage(tmp_path, capsys, checkpoint):
     out = tmp_path / "cap"
     _run(["eval", "capacity", "--data", str(CF), "--n", "1,3", "--slots", "8", *_common(checkpoint, out)], capsys)
     s = _files(out, "capacity.png", cases=False)
@@ -513,7 +520,7 @@ def test_cli_capacity_forget_leakage(tmp_path, capsys, checkpoint, with_capabili
     assert {"attack_success", "attack_success_none", "attack_success_grace"} <= set(s) and s["n"] == 2
 
 
-def test_cli_longcontext(tmp_path, capsys, checkpoint, with_capabilities):
+def test_cli_longcontext(tmp_path, capsys, checkpoint):
     wiki = tmp_path / "wiki.jsonl"
     wiki.write_text("".join(json.dumps({"id": i, "title": "t", "text": p}) + "\n" for i, p in enumerate(PARAGRAPHS)))
     out = tmp_path / "lc"
@@ -522,11 +529,14 @@ def test_cli_longcontext(tmp_path, capsys, checkpoint, with_capabilities):
     s = _files(out, "longcontext.png")
     assert [r["n_facts"] for r in s["results"]] == [2, 3]
     for r in s["results"]:
-        assert {"n_facts", "recall", "recall_plain", "read_ms"} <= set(r)
+        assert {"n_facts", "recall", "recall_plain", "recall_rag", "recall_plain_in_window",
+                "recall_plain_out_window", "prefix_recall", "read_ms"} <= set(r)
+    md = (out / "summary.md").read_text()
+    assert "| 2 | rag |" in md and "prefix_recall (extra)" in md
     assert len((out / "cases.jsonl").read_text().splitlines()) == 5
     # without --window the plain decoder gets its own full window
-    from larimar.editing import Larimar
-    from larimar.longcontext import decoder_window
+    from larimar.editor import Larimar
+    from larimar.eval.longcontext import decoder_window
 
     own = decoder_window(Larimar.from_pretrained(checkpoint, scope_encoder="larimar").model)
     out2 = tmp_path / "lc_own"
@@ -535,19 +545,13 @@ def test_cli_longcontext(tmp_path, capsys, checkpoint, with_capabilities):
     assert _files(out2, "longcontext.png")["results"][0]["window"] == own > 24
 
 
-def test_cli_errors_and_fallback_command(tmp_path, capsys, checkpoint, with_capabilities):
-    code = cli.main(["eval", "capacity", "--data", str(CF), "--n", "1,x", *_common(checkpoint, tmp_path / "e")])
+def test_cli_errors(tmp_path, capsys, checkpoint):
+    code = main(["eval", "capacity", "--data", str(CF), "--n", "1,x", *_common(checkpoint, tmp_path / "e")])
     assert code == 2 and "--n must be comma-separated integers" in capsys.readouterr().err
-    code = cli.main(["eval", "leakage", "--data", str(CF), "--baselines", "none", *_common(checkpoint, tmp_path)])
+    code = main(["eval", "leakage", "--data", str(CF), "--baselines", "none", *_common(checkpoint, tmp_path)])
     assert code == 2 and "--baselines" in capsys.readouterr().err
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    cap.add_cli(sub)  # no `eval` command registered: `larimar capability ...`
-    args = parser.parse_args(["capability", "forget", "--data", str(CF), "--out", "x"])
-    assert args.func is not None and args.trials == 10
-    sub2 = argparse.ArgumentParser().add_subparsers(dest="command")
-    evaluation.add_cli(sub2)
-    cap.add_cli(sub2)
-    assert "capability" not in sub2.choices
+    from larimar.cli.main import build_parser
+
+    evals = next(a for a in build_parser()._actions if a.dest == "command").choices["eval"]
     assert {"sequential", "capacity", "forget", "leakage", "longcontext", "zsre"} <= set(
-        cap._find_subparsers(sub2.choices["eval"]).choices)
+        next(a for a in evals._actions if a.dest == "eval_what").choices)

@@ -9,9 +9,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+)
 
-from larimar.model import DECODER_ARCHS, LatentDecoder, LoRALinear, apply_lora, decoder_shape, positions_from_mask
+from larimar.conditioning import (
+    DECODER_ARCHS,
+    LatentDecoder,
+    LoRALinear,
+    apply_lora,
+    decoder_shape,
+    positions_from_mask,
+)
 
 C = 16
 V = 96

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from larimar import cli
-from larimar.editing import DEFAULT_CHECKPOINT, Larimar
+from larimar.cli.main import main as cli_main
+from larimar.editor import DEFAULT_CHECKPOINT, Larimar
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CF_ROME = DATA / "counterfact_rome" / "counterfact_rome_929.json"
@@ -69,7 +69,7 @@ def test_forgetting_is_exact_with_the_real_encoder(lm: Larimar):
 @pytest.mark.skipif(not CF_ROME.is_file(), reason="shared CounterFact data absent")
 def test_counterfact_slice_does_not_regress(tmp_path):
     out = tmp_path / "cf"
-    code = cli.main(["eval", "counterfact", "--data", str(CF_ROME), "--limit", str(SLICE),
+    code = cli_main(["eval", "counterfact", "--data", str(CF_ROME), "--limit", str(SLICE),
                      "--methods", "larimar,none", "--gen-tokens", "0", "--out", str(out)])
     assert code == 0
     import json

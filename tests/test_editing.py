@@ -1,4 +1,4 @@
-"""The editing API (larimar.editing) on tiny random models: edit / ask / score / forget / save / load, bad input,
+"""The editing API (larimar.editor) on tiny random models: edit / ask / score / forget / save / load, bad input,
 the service engine and the edit / forget / ask / memories / chat / keys subcommands."""
 
 from __future__ import annotations
@@ -9,21 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_larimar import bow_embed, save_tiny_checkpoint, tiny_larimar
 
-from larimar import cli
+from larimar.cli.main import main as cli_main
 from larimar.data import EditRequest
-from larimar.editing import (
-    Larimar,
-    LarimarEngine,
-    Refinement,
-    fact_sentence,
-    length_batches,
-    refine_latents,
-    refinement_target,
-)
+from larimar.editor import Larimar, Refinement
+from larimar.editor.refine import length_batches, refine_latents, refinement_target
+from larimar.facts import fact_sentence
 from larimar.scope import ScopeDetector
+from larimar.serving.engine import LarimarEngine
 
 FACT = "The capital of France is Rome."
 PROMPT = "The capital of France is"
@@ -145,7 +139,7 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_refine_latents_lowers_the_read_nll_and_changes_no_weight():
-    from larimar.memory import one_fact_read
+    from larimar.solvers import one_fact_read
 
     model = tiny_larimar().model
     before = _params(model)
@@ -311,8 +305,8 @@ def test_save_load_round_trip_and_checkpoint_mismatch(tmp_path):
 def test_engine_protocol_and_service_round_trip(tmp_path):
     from fastapi.testclient import TestClient
 
-    from larimar.service import Engine, create_app
-    from larimar.store import MemoryStore
+    from larimar.serving.service import Engine, create_app
+    from larimar.serving.store import MemoryStore
 
     lm = tiny_larimar()
     engine = LarimarEngine(lm)
@@ -351,7 +345,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    code = cli_main(list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -404,14 +398,18 @@ def test_cli_chat_and_keys(tmp_path, capsys, checkpoint, monkeypatch):
     assert lines[0].startswith("written ") and FACT in lines[1]
     assert "[memory:" in out and "error:" in out and "unknown command" in out
 
+    store = ["--store", str(tmp_path / "s")]  # keys never load a model for an existing store
     code, out, err = run_cli(capsys, "keys", "add", "ci", "--namespace", "default", "--rights", "write", "--json",
-                             *common)
+                             *store)
     assert code == 0, err
     assert json.loads(out)["token"].startswith("lmk_")
     code, out, _ = run_cli(capsys, "keys", "list", "--json", "--store", str(tmp_path / "s"))
     assert json.loads(out)[0]["name"] == "ci" and json.loads(out)[0]["rights"] == "write"
-    code, _, err = run_cli(capsys, "keys", "add", "ci", *common)
+    code, _, err = run_cli(capsys, "keys", "add", "ci", *store)
     assert code == 2 and "already exists" in err
+    with pytest.raises(SystemExit) as exit_:  # model options only where a model is used
+        cli_main(["keys", "list", "--scope-encoder", "larimar", *store])
+    assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
 # -- real backbones (untrained conditioning) ------------------------------------------------------------------------
@@ -423,7 +421,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def test_real_backbones_scope_and_counterfact_smoke():
     from larimar.backbones import BackboneNotFoundError, load_decoder, load_encoder
     from larimar.data import load_counterfact
-    from larimar.evaluation import LarimarEditor, evaluate_counterfact
+    from larimar.eval.editors import LarimarEditor
+    from larimar.eval.edits import evaluate_counterfact
     from larimar.model import LarimarConfig, LarimarModel
 
     path = DATA / "counterfact_rome" / "counterfact_rome_929.json"
@@ -444,10 +443,10 @@ def test_real_backbones_scope_and_counterfact_smoke():
 
 
 def test_cli_serve_wires_the_real_engine(tmp_path, capsys, checkpoint, monkeypatch):
-    import larimar.service
+    import larimar.serving.service
 
     seen = {}
-    monkeypatch.setattr(larimar.service, "serve", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(larimar.serving.service, "serve", lambda **kw: seen.update(kw))
     code, _, err = run_cli(capsys, "serve", "--port", "8123", "--checkpoint", str(checkpoint), "--scope-encoder",
                            "larimar", "--store", str(tmp_path / "s"))
     assert code == 0, err

@@ -6,10 +6,9 @@ import json
 from functools import partial
 
 import pytest
+import tiny_larimar as tiny
 import torch
 from safetensors.torch import load_file, save_file
-
-import tiny_larimar as tiny
 
 from larimar.memory import MemoryConfig
 from larimar.model import LarimarConfig, LarimarModel, LatentEncoder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from pathlib import Path
@@ -10,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from larimar.scope import ScopeDetector, ThresholdRow, default_encoder_path, split_sentences, sweep_thresholds
+from larimar.scope import (
+    ScopeDetector,
+    ThresholdRow,
+    default_encoder_path,
+    split_sentences,
+    sweep_thresholds,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -122,28 +127,6 @@ def test_invalid_mode_and_bad_embed_fn():
     detector = ScopeDetector(embed_fn=lambda texts: torch.zeros(len(texts) + 1, 4))
     with pytest.raises(ValueError, match="embed_fn"):
         detector.add(["a"], ["a"])
-
-
-def test_save_load_round_trip(tmp_path):
-    detector = make_detector(threshold=0.55, mode="prompt_answer")
-    queries = ["The capital of France is Rome", "Who wrote Hamlet, Marlowe?"]
-    sims, ids = detector.score(queries)
-    detector.save(tmp_path / "scope")
-    files = sorted(p.name for p in (tmp_path / "scope").iterdir())
-    assert files == ["scope.json", "scope_embeddings.safetensors"]
-    state = json.loads((tmp_path / "scope" / "scope.json").read_text())
-    assert state["ids"] == list(FACTS) and state["mode"] == "prompt_answer" and state["threshold"] == 0.55
-    loaded = ScopeDetector.load(tmp_path / "scope", embed_fn=bag_of_words)
-    assert loaded.ids == detector.ids and loaded.mode == "prompt_answer" and loaded.threshold == 0.55
-    assert torch.equal(loaded.embeddings, detector.embeddings)
-    sims2, ids2 = loaded.score(queries)
-    assert torch.allclose(sims, sims2) and ids == ids2
-    assert ScopeDetector.load(tmp_path / "scope", embed_fn=bag_of_words, threshold=0.9).threshold == 0.9
-    empty = ScopeDetector(embed_fn=bag_of_words)
-    empty.save(tmp_path / "empty")
-    assert len(ScopeDetector.load(tmp_path / "empty", embed_fn=bag_of_words)) == 0
-    with pytest.raises(ValueError, match="scope.json"):
-        ScopeDetector.load(tmp_path / "nowhere")
 
 
 def test_from_embeddings_normalizes_and_scores_with_embed_fn():

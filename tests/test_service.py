@@ -24,10 +24,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from larimar.service import ServiceLimits, create_app, create_app_from_env, open_store_for
-from larimar.store import MemoryStore, StoreError
 from store_fake_engine import FakeEngine
+
+from larimar.facts import MAX_TEXT_CHARS
+from larimar.serving.service import (
+    ServiceLimits,
+    create_app,
+    create_app_from_env,
+    open_store_for,
+)
+from larimar.serving.storage import ID_RE, NAMESPACE_RE, StoreError
+from larimar.serving.store import MemoryStore
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FAKE_ENGINE = FIXTURES / "store_fake_engine.py"
@@ -41,10 +48,11 @@ def _free_port() -> int:
 
 
 class LiveServer:
-    """uvicorn in a subprocess on 127.0.0.1, app from `larimar.service:create_app_from_env` + the fake engine."""
+    """uvicorn in a subprocess on 127.0.0.1, app from `larimar.serving.service:create_app_from_env` + the fake engine."""
 
-    def __init__(self, store_dir: Path) -> None:
+    def __init__(self, store_dir: Path, env: dict[str, str] | None = None) -> None:
         self.store_dir = store_dir
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -57,8 +65,8 @@ class LiveServer:
             "LARIMAR_ENGINE": f"{FAKE_ENGINE}:FakeEngine",
             "LARIMAR_STORE": str(self.store_dir),
             "LARIMAR_LIMITS": json.dumps({"max_facts_per_request": 64}),
-        }
-        cmd = [sys.executable, "-m", "uvicorn", "larimar.service:create_app_from_env", "--factory",
+        } | self.env
+        cmd = [sys.executable, "-m", "uvicorn", "larimar.serving.service:create_app_from_env", "--factory",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
         log = self.store_dir.parent / "server.log"  # a file, not a pipe nobody drains
         with open(log, "ab") as f:
@@ -235,6 +243,54 @@ def test_live_concurrent_writes_and_reads(live: tuple[LiveServer, dict[str, str]
             assert _answer(_ask(c, f"Writer{w} item3 is", "conc")) == f"colour{w}x3"
 
 
+def test_live_openai_client_plain_and_streaming(live: tuple[LiveServer, dict[str, str]]) -> None:
+    """The official `openai` client, with and without ``stream=True``, completions and chat."""
+    openai = pytest.importorskip("openai")
+    server, tok = live
+    with server.client(tok["admin"]) as c:
+        assert c.post("/v1/memories/oa/facts", json={"facts": ["The Eiffel Tower is located in the city of Rome"]}
+                      ).status_code == 201
+    client = openai.OpenAI(api_key=tok["admin"], base_url=server.url + "/v1", max_retries=0, timeout=30)
+    prompt = "The Eiffel Tower is located in the city"
+    plain = client.completions.create(model="larimar", prompt=prompt, max_tokens=8, extra_body={"memory": "oa"})
+    assert plain.choices[0].text.strip() == "of Rome" and plain.usage.completion_tokens > 0
+    pieces, finish = [], None
+    for chunk in client.completions.create(model="larimar", prompt=prompt, max_tokens=8, stream=True,
+                                           extra_body={"memory": "oa"}):
+        pieces.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == plain.choices[0].text and finish == plain.choices[0].finish_reason
+    assert len([p for p in pieces if p]) == 2  # " of", " Rome": streamed in pieces
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(model="larimar", messages=messages, extra_body={"memory": "oa"})
+    assert chat.choices[0].message.content == plain.choices[0].text
+    deltas, roles = [], set()
+    for chunk in client.chat.completions.create(model="larimar", messages=messages, stream=True,
+                                                extra_body={"memory": "oa"}):
+        delta = chunk.choices[0].delta
+        roles.add(delta.role)
+        deltas.append(delta.content or "")
+    assert "".join(deltas) == chat.choices[0].message.content and "assistant" in roles
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="larimar", prompt=prompt, max_tokens=10_000, stream=True)
+
+
+def test_live_stream_is_server_sent_events(live: tuple[LiveServer, dict[str, str]]) -> None:
+    server, tok = live
+    with server.client(tok["admin"]) as c:
+        with c.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Who wrote the Odyssey"}], "stream": True,
+        }) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert {ch["object"] for ch in chunks} == {"chat.completion.chunk"} and len({ch["id"] for ch in chunks}) == 1
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-1]["usage"]["total_tokens"] > 0
+    assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks).strip() == "I don't know."
+
+
 def test_live_restart_keeps_facts(live: tuple[LiveServer, dict[str, str]]) -> None:
     server, tok = live
     with server.client(tok["admin"]) as c:
@@ -258,6 +314,47 @@ def test_live_restart_keeps_facts(live: tuple[LiveServer, dict[str, str]]) -> No
             live_mem, rebuilt = store.memory(ns), store.rebuild(ns)
             assert live_mem.ids == rebuilt.ids
             assert torch.allclose(live_mem.M, rebuilt.M, atol=1e-10) and torch.allclose(live_mem.U, rebuilt.U, atol=1e-10)
+
+
+def test_live_healthz_never_waits_and_overload_is_503_with_retry_after(tmp_path: Path) -> None:
+    """50 slow completions at once: /healthz answers at once, the excess is refused with 503 + Retry-After."""
+    server = LiveServer(tmp_path / "store", env={
+        "LARIMAR_REQUIRE_KEYS": "0", "FAKE_ENGINE_SLOW_SECONDS": "2.0",
+        "LARIMAR_LIMITS": json.dumps({"max_concurrent_work": 1, "max_queued_work": 2}),
+    })
+    server.store_dir.mkdir()
+    server.start()
+    try:
+        results: list[httpx.Response] = []
+
+        def slow(k: int) -> None:
+            with server.client() as c:
+                results.append(c.post("/v1/completions", json={"prompt": f"slow: question {k}", "max_tokens": 4}))
+
+        threads = [threading.Thread(target=slow, args=(k,)) for k in range(50)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(results) < 47 and time.monotonic() < deadline:  # the excess is refused at once
+            time.sleep(0.05)
+        with server.client() as c:  # the model is held now (3 admitted calls of 2 s, one at a time)
+            waits = []
+            for _ in range(5):
+                t0 = time.monotonic()
+                assert c.get("/healthz").status_code == 200
+                waits.append(time.monotonic() - t0)
+                time.sleep(0.1)
+        still_running = 50 - len(results)
+        for t in threads:
+            t.join()
+        assert still_running >= 1 and max(waits) < 0.5, (still_running, waits)
+        codes = sorted(r.status_code for r in results)
+        assert set(codes) == {200, 503} and codes.count(200) >= 3, codes
+        busy = [r for r in results if r.status_code == 503]
+        assert all(r.headers.get("Retry-After") == "1" and r.json()["error"]["type"] == "server_overloaded"
+                   for r in busy)
+    finally:
+        server.stop()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,7 +429,25 @@ def inproc() -> Iterator[InProcess]:
         ("post", "/v1/completions", {"prompt": "a knows", "max_tokens": 65}, "admin", 422),
         ("post", "/v1/completions", {"prompt": "a knows", "max_tokens": 0}, "admin", 422),
         ("post", "/v1/completions", {"prompt": "a knows", "temperature": -1}, "admin", 422),
-        ("post", "/v1/completions", {"prompt": "a knows", "stream": True}, "admin", 400),
+        ("post", "/v1/completions", {"prompt": "a knows", "temperature": 2.5}, "admin", 422),
+        ("post", "/v1/completions", {"prompt": "a knows", "top_p": 1.5}, "admin", 422),
+        ("post", "/v1/completions", {"prompt": "a knows", "top_p": -0.1}, "admin", 422),
+        ("post", "/v1/completions", {"prompt": "x" * 4001}, "admin", 422),
+        ("post", "/v1/completions", {"prompt": "x", "memory": "a\n"}, "admin", 400),
+        ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 65},
+         "admin", 422),
+        ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 65}, "admin", 422),
+        ("post", "/v1/memories/a%0A/facts", {"facts": ["x"]}, "admin", 400),
+        ("post", "/v1/memories/a/facts", {"facts": ["x"], "ids": ["ok\n"]}, "admin", 422),
+        ("post", "/v1/memories/a/facts", {"facts": ["x"], "ids": ["-bad"]}, "admin", 422),
+        ("post", "/v1/memories/a/facts", {"facts": ["x" * 290], "ids": ["a/b"]}, "admin", 422),
+        ("post", "/v1/memories/a/facts", {"facts": [{"prompt": "{} is", "subject": "s" * 301, "target_new": "t"}]},
+         "admin", 422),
+        ("patch", "/v1/memories/a/facts", {"facts": ["x"]}, "admin", 405),
+        ("post", "/v1/memories/a", {"facts": ["x"]}, "admin", 405),
+        ("post", "/healthz", None, "admin", 405),
+        ("put", "/v1/memories/a/facts", None, "admin", 405),  # no Content-Type: still 405, not 415
+        ("get", "/v1/completions", None, "admin", 405),
         ("post", "/v1/completions", {"prompt": "a knows", "n": 2}, "admin", 400),
         ("post", "/v1/completions", {"prompt": ["p1", "p2"]}, "admin", 400),
         ("post", "/v1/completions", {"prompt": ""}, "admin", 422),
@@ -535,3 +650,166 @@ def test_fuzz_no_5xx_and_rejections_change_nothing(inproc: InProcess) -> None:
     assert total >= 1000, seen
     assert seen.get(200, 0) > 50 and seen.get(201, 0) > 20, seen  # it reaches the handlers, not only the guards
     assert sum(v for k, v in seen.items() if 400 <= k < 500) > 300, seen
+
+
+def test_tiny_temperature_is_floored_not_a_500(inproc: InProcess) -> None:
+    for t in (1e-39, 5e-324, 1e-4, 0.0, 1e-3, 2):
+        r = inproc.post("/v1/completions", {"prompt": "a knows fact", "memory": "a", "temperature": t})
+        assert r.status_code == 200, (t, r.text)
+
+
+def test_invalid_ids_are_rejected_before_any_encoding(inproc: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = inproc.engine.encode_facts
+    monkeypatch.setattr(inproc.engine, "encode_facts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for ids in (["bad id"], ["ok\n"], ["a0", "a0"], ["f" * 129]):
+        r = inproc.post("/v1/memories/a/facts", {"facts": ["y" * 290] * len(ids), "ids": ids})
+        assert r.status_code == 422, r.text
+    taken = inproc.store.facts("a")[0].id
+    assert inproc.post("/v1/memories/a/facts", {"facts": ["z"], "ids": [taken]}).status_code == 422
+    assert calls == []
+    r = inproc.post("/v1/memories/c/facts", {"facts": ["c knows fact 0"], "ids": ["c0.ok:1"]})
+    assert r.status_code == 201 and calls == [1]
+
+
+def test_openapi_declares_the_limits(inproc: InProcess) -> None:
+    schema = inproc.client.get("/openapi.json").json()
+    comp = schema["components"]["schemas"]
+    completion = comp["Completion"]["properties"]
+    assert completion["max_tokens"]["minimum"] == 1 and completion["max_tokens"]["maximum"] == 64
+    temp = completion["temperature"]
+    assert temp["minimum"] == 0 and temp["maximum"] == 2
+    assert completion["top_p"]["minimum"] == 0 and completion["top_p"]["maximum"] == 1
+    prompt = completion["prompt"]["anyOf"][0]
+    assert prompt["maxLength"] == MAX_TEXT_CHARS and prompt["minLength"] == 1
+    facts = comp["WriteFacts"]["properties"]
+    assert facts["facts"]["minItems"] == 1 and facts["facts"]["maxItems"] == 8
+    assert {"type": "string", "maxLength": 300, "minLength": 1} in facts["facts"]["items"]["anyOf"]
+    ids = facts["ids"]["anyOf"][0]
+    assert ids["maxItems"] == 8 and ids["items"]["pattern"] == ID_RE.pattern
+    chat = comp["ChatCompletion"]["properties"]
+    assert chat["messages"]["maxItems"] == 64 and chat["messages"]["minItems"] == 1
+    params = schema["paths"]["/v1/memories/{ns}/facts"]["post"]["parameters"]
+    ns = next(p for p in params if p["name"] == "ns")
+    assert ns["schema"]["pattern"] == NAMESPACE_RE.pattern and ns["schema"]["maxLength"] == 64
+    assert {"405", "503"} <= set(schema["paths"]["/v1/completions"]["post"]["responses"])
+    for pattern in (ID_RE, NAMESPACE_RE):  # anchored and used with fullmatch: a trailing newline does not pass
+        assert pattern.fullmatch("abc") and not pattern.fullmatch("abc\n")
+
+
+def test_work_gate_bounds_concurrent_model_calls(tmp_path: Path) -> None:
+    """Model calls beyond running + queued get 503 with Retry-After; /healthz still answers."""
+    import store_fake_engine
+    from fastapi.testclient import TestClient
+
+    eng = FakeEngine()
+    with open_store_for(eng, tmp_path) as store:
+        app = create_app(eng, store, ServiceLimits(max_concurrent_work=1, max_queued_work=1, retry_after_s=3),
+                         require_keys=False)
+        with TestClient(app) as c:  # one event loop for every request, as a server has
+            results: list[httpx.Response] = []
+            body = {"prompt": store_fake_engine.SLOW + " q", "max_tokens": 2}
+            threads = [threading.Thread(target=lambda: results.append(c.post("/v1/completions", json=body)))
+                       for _ in range(5)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert c.get("/healthz").status_code == 200
+            assert time.monotonic() - t0 < 0.5
+            for t in threads:
+                t.join()
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200, 200, 503, 503, 503], codes
+    assert all(r.headers["Retry-After"] == "3" for r in results if r.status_code == 503)
+    assert app.state.work.admitted == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dynamic batching (engines with complete_batch); engines without it answer one request per call (tests above)
+
+
+def test_batched_completions_equal_their_answers_alone_and_keep_the_bounds(tmp_path: Path) -> None:
+    import store_fake_engine
+    from fastapi.testclient import TestClient
+
+    eng = store_fake_engine.BatchingFakeEngine()
+    with open_store_for(eng, tmp_path) as store:
+        app = create_app(eng, store, ServiceLimits(max_concurrent_work=1, max_queued_work=7, retry_after_s=2,
+                                                   batch_window_ms=400, max_batch=4), require_keys=False)
+        with TestClient(app) as c:
+            facts = {ns: [f"The {ns} river flows through city {i}" for i in range(3)] for ns in ("a", "b", "c")}
+            for ns, fs in facts.items():
+                assert c.post(f"/v1/memories/{ns}/facts", json={"facts": fs}).status_code == 201
+            jobs = [(ns, f"The {ns} river flows through", 1 + k) for k, ns in enumerate("abcabc")]
+            jobs.append(("a", "refuse: this", 3))
+            jobs.append((None, "The a river flows through", 2))
+            alone = []
+            for ns, p, n in jobs:
+                body = {"prompt": p, "max_tokens": n} | ({"memory": ns} if ns else {})
+                r = c.post("/v1/completions", json=body)
+                alone.append((r.status_code, r.json()))
+            assert [s for s, _ in alone] == [200] * 6 + [422, 200]
+            eng.batches.clear()
+            results: dict[int, httpx.Response] = {}
+
+            def ask(k: int) -> None:
+                ns, p, n = jobs[k]
+                results[k] = c.post("/v1/completions", json={"prompt": p, "max_tokens": n} | ({"memory": ns} if ns else {}))
+
+            threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(jobs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for k, (status, body) in enumerate(alone):
+                assert results[k].status_code == status
+                if status == 200:
+                    assert results[k].json()["choices"] == body["choices"] and results[k].json()["memory"] == body["memory"]
+            assert sum(eng.batches) == len(jobs) and max(eng.batches) <= 4 and len(eng.batches) < len(jobs)
+            assert app.state.work.admitted == 0
+            # the bound counts requests: 1 running + 7 queued admitted, the rest 503 with Retry-After
+            eng.batches.clear()
+            slow: list[httpx.Response] = []
+            body = {"prompt": store_fake_engine.SLOW + " q", "max_tokens": 2, "memory": "a"}
+            threads = [threading.Thread(target=lambda: slow.append(c.post("/v1/completions", json=body)))
+                       for _ in range(11)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert c.get("/healthz").status_code == 200 and time.monotonic() - t0 < 0.5
+            for t in threads:
+                t.join()
+    codes = sorted(r.status_code for r in slow)
+    assert codes == [200] * 8 + [503] * 3, codes
+    assert all(r.headers["Retry-After"] == "2" for r in slow if r.status_code == 503)
+    assert app.state.work.admitted == 0 and max(eng.batches) > 1
+
+
+def test_batch_holds_every_namespace_read_lock_writes_wait(tmp_path: Path) -> None:
+    """A write to a namespace a running batch reads waits for the batch (no half-applied write is read)."""
+    import store_fake_engine
+    from fastapi.testclient import TestClient
+
+    eng = store_fake_engine.BatchingFakeEngine()
+    with open_store_for(eng, tmp_path) as store:
+        app = create_app(eng, store, ServiceLimits(batch_window_ms=400), require_keys=False)
+        with TestClient(app) as c:
+            for ns in ("a", "b"):
+                assert c.post(f"/v1/memories/{ns}/facts", json={"facts": [f"{ns} knows it"]}).status_code == 201
+            done: list[float] = []
+
+            def ask(ns: str) -> None:
+                c.post("/v1/completions", json={"prompt": store_fake_engine.SLOW + " x", "memory": ns})
+                done.append(time.monotonic())
+
+            threads = [threading.Thread(target=ask, args=(ns,)) for ns in ("a", "b")]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)  # the batch (a and b) is running
+            assert c.post("/v1/memories/b/facts", json={"facts": ["b knows more"]}).status_code == 201
+            wrote = time.monotonic()
+            for t in threads:
+                t.join()
+    assert eng.batches[-1] == 2 and wrote >= max(done) - 0.05

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from larimar.memory import EpisodicMemory, ItemMemory, MemoryConfig
-from larimar.store import MemoryStore, StoreError, default_store_path
+from larimar.serving.storage import StoreError, default_store_path
+from larimar.serving.store import MemoryStore
 
 K, C = 16, 8
 FP = "sha256:test"
@@ -410,3 +411,76 @@ def test_one_owner_of_the_memories_at_a_time(tmp_path: Path) -> None:
         keys_only.add_key("k", "a", "read")
     store.close()
     _open(tmp_path).close()  # released on close (and by the OS when a process dies: see the kill test)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-namespace cost: snapshots hold only the namespace's own data; idle namespaces leave RAM (LRU)
+
+
+def _snapshot_tensors(path: Path, ns: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    manifest = json.loads((path / "snapshots" / ns / "manifest.json").read_text())
+    return load_file(str(path / "snapshots" / ns / manifest["file"]))
+
+
+def test_small_snapshot_holds_only_the_items_and_reloads_exactly(tmp_path: Path) -> None:
+    with _open(tmp_path) as store:
+        ids = store.write("s", ["one", "two", "three"], _z(3, 0))
+        store.forget("s", ids[1:2])
+        live = store.memory("s")
+        expected_M, expected_U = live.M.clone(), live.U.clone()
+        store.snapshot("s")
+    tensors = _snapshot_tensors(tmp_path, "s")
+    assert set(tensors) == {"Z"} and tuple(tensors["Z"].shape) == (2, C)  # no M0 / M_ref, no U, no keys
+    manifest = json.loads((tmp_path / "snapshots" / "s" / "manifest.json").read_text())
+    assert manifest["state"] == "items" and manifest["prior"].startswith("sha256:")
+    with _open(tmp_path) as store:
+        im = store.memory("s")
+        assert im.ids == [ids[0], ids[2]]
+        assert torch.allclose(im.M, expected_M, rtol=1e-9, atol=1e-10)
+        assert torch.allclose(im.U, expected_U, rtol=1e-9, atol=1e-10)
+        _assert_same_memory(im, store.rebuild("s"))
+        store.forget("s", [ids[0], ids[2]])  # forgetting after a reload is still exact: back to the prior
+        assert torch.allclose(im.M, torch.zeros(K, C, dtype=torch.float64), atol=1e-10)
+        assert torch.allclose(im.U, torch.eye(K, dtype=torch.float64), atol=1e-10)
+
+
+def test_full_snapshot_beyond_k_items_and_another_prior_is_refused(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    with _open(tmp_path) as store:
+        _edit_sequence(store)  # 22 live items > K = 16
+        store.snapshot("a")
+    tensors = _snapshot_tensors(tmp_path, "a")
+    assert set(tensors) == {"Z", "M", "U"}  # still no copy of the shared prior, nor keys
+    other = _mem()
+    with torch.no_grad():
+        other.M0.add_(1.0)
+    with caplog.at_level(logging.WARNING), _open(tmp_path, memory=other) as store, pytest.raises(StoreError):
+        store.memory("a")  # the snapshot is refused (another prior), then the log's keys refuse it too
+    assert any("another prior" in r.getMessage() for r in caplog.records)
+
+
+def test_lru_evicts_idle_namespaces_and_reloads_them(tmp_path: Path) -> None:
+    with _open(tmp_path, max_loaded=2, snapshot_every=0) as store:
+        for k, ns in enumerate("abcd"):
+            store.write(ns, [f"fact {ns}"], _z(1, k), ids=[f"f{ns}"])
+        assert store.loaded() == ["c", "d"]
+        manifest = json.loads((tmp_path / "snapshots" / "a" / "manifest.json").read_text())
+        assert manifest["last_seq"] == store.log("a")[-1].seq  # snapshotted on eviction (it was dirty)
+        with store.reading("a") as (im, texts):  # reloaded from its snapshot on next use
+            assert im.ids == ["fa"] and texts == {"fa": "fact a"}
+            _assert_same_memory(im, store.rebuild("a"))
+            with store.reading("b"):  # "a" is in use: never evicted under a reader
+                assert "a" in store.loaded() and "b" in store.loaded()
+        assert len(store.loaded()) <= 3
+        store.write("e", ["fact e"], _z(1, 9))
+        assert len(store.loaded()) == 2 and store.loaded()[-1] == "e"
+        # every namespace still answers as written, and shares one frozen prior copy
+        refs = set()
+        for ns in "abcde":
+            with store.reading(ns) as (im, _):
+                refs.add(im.M_ref.data_ptr())
+                _assert_same_memory(im, store.rebuild(ns))
+        assert len(refs) == 1
+    with pytest.raises(ValueError):
+        _open(tmp_path / "x", max_loaded=0)

@@ -9,6 +9,7 @@ equal shards (DDP).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -22,15 +23,24 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
 from tiny_larimar import BLOCK_WORDS, train_config_dict
 
 from larimar.backbones import load_decoder, load_encoder
-from larimar.cli import main
+from larimar.cli.train import add_parser as add_train_parser
 from larimar.model import LarimarModel
 from larimar.training import (
-    DataConfig, OptimConfig, TrainConfig, beta_schedule, build_model, collate, episode_stream, load_config, lr_factor, prefetch,
-    scheduled_total, train,
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    beta_schedule,
+    build_model,
+    collate,
+    episode_stream,
+    load_config,
+    lr_factor,
+    prefetch,
+    scheduled_total,
+    train,
 )
 
 EPISODE_SIZE = 4  # blocks per episode in the tiny config
@@ -73,6 +83,17 @@ def _fixed_batch_losses(model: LarimarModel, cfg: TrainConfig, episodes: int = 4
     return {k: float(v) for k, v in out.items()}
 
 
+def _larimar_train(argv: list[str]) -> int:
+    """``larimar train ARGV`` through the subparser `larimar.cli.train` registers, parsed as the `larimar` command
+    parses it (unknown ``--section.key value`` pairs become the overrides)."""
+    parser = argparse.ArgumentParser(prog="larimar")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args, extra = parser.parse_known_args(["train", *argv])
+    assert args.accepts_overrides
+    args.overrides = extra
+    return args.func(args)
+
+
 # -- 1. the CLI end to end ------------------------------------------------------------------------------------
 
 
@@ -80,7 +101,7 @@ def test_cli_train_writes_run_folder(assets, tmp_path, capsys):
     out = tmp_path / "run"
     cfg_path = _write_config(tmp_path / "cfg.yaml", train_config_dict(assets, out))
 
-    assert main(["train", "--config", str(cfg_path), "--optim.steps", "6"]) == 0
+    assert _larimar_train(["--config", str(cfg_path), "--optim.steps", "6"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert json.loads(printed[-2])["step"] == 6 and printed[-1] == f"model saved to {out / 'model'}"
 
@@ -470,7 +491,7 @@ def test_fsdp_two_processes_match_one_process(assets, tmp_path):
 
 
 def test_resume_drops_metric_rows_logged_after_the_checkpoint(tmp_path):
-    from larimar.training import _truncate_metrics
+    from larimar.training.loop import _truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 5, 10, 15)))
@@ -490,7 +511,7 @@ class _WordTokenizer:
 
 
 def test_continuation_mask_marks_the_words_after_the_prefix():
-    from larimar.training import _continuation_mask
+    from larimar.training.batches import _continuation_mask
 
     texts = ["a b c d e", "f g h", "i j"]
     rows = [[1] * 5, [1] * 3, [1] * 2]

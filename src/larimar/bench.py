@@ -1,4 +1,4 @@
-"""Benchmarks that print numbers: `larimar bench memory`.
+"""Benchmarks that print numbers: `larimar bench memory` and `larimar bench edit`.
 
 Times write + read of the memory with the default solver against torch.linalg.pinv (SVD) in the same run,
 plus one sequential write and one forget, and reports the reconstruction error of the written items.
@@ -117,6 +117,104 @@ def run_memory_bench(device: str = "cpu", out: str | None = None, repeats: int =
     """Runs the memory benchmark, prints the table and optionally writes the rows as JSON."""
     rows = bench_memory(device=device, repeats=repeats)
     print(format_table(rows))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {out}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `larimar bench edit`: the whole public calls of the editor
+
+BENCH_FACTS: tuple[tuple[str, str], ...] = (
+    ("The CEO of Northwind Traders is Maria Okafor.", "The CEO of Northwind Traders is"),
+    ("The capital of the Republic of Zubrowka is Lutz.", "The capital of the Republic of Zubrowka is"),
+    ("Project Bluebird was cancelled in March 2026.", "Project Bluebird was cancelled in"),
+    ("The Eiffel Tower is located in the city of Rome.", "The Eiffel Tower is located in the city of"),
+    ("The mother tongue of Danielle Darrieux is English.", "The mother tongue of Danielle Darrieux is"),
+    ("Apple A5 was created by Google.", "Apple A5 was created by"),
+    ("The Larkspur Bridge was designed by Tomas Weller.", "The Larkspur Bridge was designed by"),
+    ("The chairman of Vexley Mining is Priya Raman.", "The chairman of Vexley Mining is"),
+    ("The Orinoco Museum opened in 1987.", "The Orinoco Museum opened in"),
+    ("The official language of Quendia is Portuguese.", "The official language of Quendia is"),
+    ("Halvard Stenberg plays the cello.", "Halvard Stenberg plays the"),
+    ("The headquarters of Bluewave Systems are in Lisbon.", "The headquarters of Bluewave Systems are in"),
+)
+"""Fact sentences (fictional or counterfactual) and an in-scope prompt for each."""
+
+
+def _once_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock time (ms) of one call of fn (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0)
+
+
+def bench_edit(
+    checkpoint: str | None = None,
+    device: str = "cpu",
+    modes: tuple[str, ...] = ("oneshot", "refined"),
+    query_tokens: int = 8,
+    repeats: int = 1,
+) -> list[dict]:
+    """Times the editor's public calls on the shipped (or given) checkpoint.
+
+    Per mode ("oneshot": ``Refinement(steps=0)``; "refined": the default refinement), single-fact edits through
+    ``Larimar.edit`` (the whole call: parse, encode, refine, write, scope insert) into one growing memory, then
+    greedy queries of ``query_tokens`` tokens through ``Larimar.ask`` (the whole call: scope, encode, read,
+    decode) against the same generation by the plain decoder (z = 0, no scope or encoder).
+
+    Returns:
+        rows ``{mode, n_edits, edit_ms_median, edit_ms_p90, query_ms_median, plain_query_ms_median, ratio}``.
+    """
+    from larimar.editor import Larimar, Refinement
+
+    rows = []
+    for mode in modes:
+        refinement = Refinement(steps=0) if mode == "oneshot" else Refinement()
+        lm = Larimar.from_pretrained(checkpoint, device=device, refinement=refinement)
+        dev = lm.model.device
+        lm.edit(["Warm-up facts are written before the timing starts."])  # loads the scope encoder, warms kernels
+        lm.ask(["Warm-up facts are"], max_new_tokens=2)
+        edits, queries, plain = [], [], []
+        for _ in range(repeats):
+            lm.reset()
+            for fact, _ in BENCH_FACTS:
+                edits.append(_once_ms(lambda: lm.edit([fact]), dev))
+            for _, prompt in BENCH_FACTS:
+                queries.append(_once_ms(lambda: lm.ask([prompt], max_new_tokens=query_tokens), dev))
+                plain.append(_once_ms(lambda: lm.model.generate_text([prompt], None, max_new_tokens=query_tokens),
+                                      dev))
+        q = statistics.median(queries)
+        p = statistics.median(plain)
+        rows.append({"mode": mode, "device": str(dev), "n_edits": len(edits),
+                     "edit_ms_median": statistics.median(edits),
+                     "edit_ms_p90": statistics.quantiles(edits, n=10)[-1] if len(edits) > 1 else edits[0],
+                     "query_tokens": query_tokens, "query_ms_median": q, "plain_query_ms_median": p,
+                     "ratio": q / p, "torch_threads": torch.get_num_threads()})
+    return rows
+
+
+def format_edit_table(rows: list[dict]) -> str:
+    """A markdown table of `bench_edit` rows."""
+    lines = ["| mode | edits | edit ms median | edit ms p90 | query ms median | plain query ms median | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['n_edits']} | {r['edit_ms_median']:.1f} | {r['edit_ms_p90']:.1f} | "
+                     f"{r['query_ms_median']:.1f} | {r['plain_query_ms_median']:.1f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_edit_bench(checkpoint: str | None = None, device: str = "cpu", out: str | None = None,
+                   repeats: int = 1, modes: tuple[str, ...] = ("oneshot", "refined")) -> list[dict]:
+    """Runs `bench_edit`, prints the table and optionally writes the rows as JSON."""
+    rows = bench_edit(checkpoint, device, modes, repeats=repeats)
+    print(format_edit_table(rows))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(rows, indent=2))

@@ -46,11 +46,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-import string
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
+
+from larimar.facts import (
+    EditRequest,
+    make_template,
+    split_sentences,
+    template_problem,
+    validate_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,53 +68,6 @@ FORMATS = ("counterfact_rome", "counterfact_easyedit", "zsre_mend", "knowedit")
 
 _COUNTERFACT_FORMATS = ("counterfact_rome", "counterfact_easyedit", "knowedit")
 _ZSRE_FORMATS = ("zsre_mend", "knowedit")
-
-
-@dataclass
-class EditRequest:
-    """One fact to write, in the field's vocabulary (ROME / EasyEdit).
-
-    Attributes:
-        prompt: template with ``{}`` where the subject goes, e.g. ``"The capital of {} is"``.
-        subject: the subject, e.g. ``"France"``.
-        target_new: the new object, e.g. ``"Rome"`` (no leading space).
-        target_true: the object the unedited model knows, if any.
-        paraphrase_prompts: rephrasings of the full prompt (subject filled in).
-        neighborhood_prompts: prompts the edit must NOT change (other subjects, or unrelated questions
-            for ZsRE). Their expected answers are in ``neighborhood_answers``.
-        case_id: the record id in its source file (the record's index when the file has no id).
-        neighborhood_answers: the expected answer of each neighbourhood prompt, same length as
-            ``neighborhood_prompts`` (CounterFact ROME: ``target_true`` for each; ZsRE: ``loc_ans``;
-            EasyEdit: ``locality_ground_truth``). Empty when the source gives none.
-        generation_prompts: free-generation prompts (CounterFact ROME only).
-        target_true_aliases: every accepted true answer (ZsRE ``answers``, KnowEdit ``ground_truth``);
-            ``target_true`` is the first.
-        portability: the record's ``portability`` dict as found (EasyEdit/KnowEdit), else empty.
-        source_format: the format it was read from (one of :data:`FORMATS`), None if built by hand.
-    """
-
-    prompt: str
-    subject: str
-    target_new: str
-    target_true: str | None = None
-    paraphrase_prompts: list[str] = field(default_factory=list)
-    neighborhood_prompts: list[str] = field(default_factory=list)
-    case_id: int | str | None = None
-    neighborhood_answers: list[str] = field(default_factory=list)
-    generation_prompts: list[str] = field(default_factory=list)
-    target_true_aliases: list[str] = field(default_factory=list)
-    portability: dict[str, Any] = field(default_factory=dict)
-    source_format: str | None = None
-
-    @property
-    def full_prompt(self) -> str:
-        """The prompt with the subject filled in."""
-        return self.prompt.format(self.subject)
-
-    @property
-    def sentence(self) -> str:
-        """The fact as one sentence: prompt with subject, a space, the new target."""
-        return f"{self.full_prompt} {self.target_new}"
 
 
 @dataclass(frozen=True)
@@ -160,61 +120,6 @@ class _RecordInvalid(Exception):
 # validation helpers
 
 
-def template_problem(template: Any) -> str | None:
-    """Why ``template`` is not a valid subject template, or None when it is.
-
-    A valid template is a non-empty string with exactly one ``{}`` field (no name, conversion or
-    format spec) and only escaped literal braces, so ``template.format(subject)`` works.
-    """
-    if not isinstance(template, str) or not template.strip():
-        return "expected a non-empty string template with one '{}'"
-    try:
-        fields = [(name, conv, spec) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
-    except ValueError as exc:
-        return f"unbalanced braces in template {template!r} ({exc})"
-    if len(fields) != 1:
-        return f"expected '{{}}' exactly once in template {template!r}, found {len(fields)} fields"
-    name, conv, spec = fields[0]
-    if name != "" or conv is not None or spec:
-        return f"expected a bare '{{}}' in template {template!r}"
-    return None
-
-
-def validate_request(request: EditRequest) -> list[tuple[str, str]]:
-    """Check an :class:`EditRequest`'s values.
-
-    Args:
-        request: the request to check.
-
-    Returns:
-        ``(field, message)`` for each problem; empty when valid.
-    """
-    problems: list[tuple[str, str]] = []
-    problem = template_problem(request.prompt)
-    if problem:
-        problems.append(("prompt", problem))
-    for name in ("subject", "target_new"):
-        value = getattr(request, name)
-        if not isinstance(value, str) or not value.strip():
-            problems.append((name, "expected a non-empty string"))
-    true = request.target_true
-    if true is not None and (not isinstance(true, str) or not true.strip()):
-        problems.append(("target_true", "expected a non-empty string or None"))
-    for name in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers", "generation_prompts",
-                 "target_true_aliases"):
-        value = getattr(request, name)
-        if not isinstance(value, list):
-            problems.append((name, "expected a list of strings"))
-            continue
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item.strip():
-                problems.append((f"{name}[{i}]", "expected a non-empty string"))
-    if request.neighborhood_answers and len(request.neighborhood_answers) != len(request.neighborhood_prompts):
-        problems.append(("neighborhood_answers", f"expected {len(request.neighborhood_prompts)} answers (one per "
-                         f"neighborhood prompt), got {len(request.neighborhood_answers)}"))
-    return problems
-
-
 def _get(record: dict, key: str, path: str | None = None) -> Any:
     if key not in record:
         raise _RecordInvalid([(path or key, "missing")])
@@ -260,31 +165,6 @@ def _all_str(value: Any, path: str) -> list[str]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _escape_braces(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
-
-
-def make_template(filled_prompt: str, subject: str) -> str:
-    """Turn a prompt with the subject written in into a template with ``{}``.
-
-    The FIRST occurrence of ``subject`` is replaced; literal braces elsewhere are escaped.
-
-    Args:
-        filled_prompt: e.g. ``"The mother tongue of Danielle Darrieux is"``.
-        subject: e.g. ``"Danielle Darrieux"``.
-
-    Returns:
-        e.g. ``"The mother tongue of {} is"``.
-
-    Raises:
-        ValueError: the subject does not occur in the prompt.
-    """
-    i = filled_prompt.find(subject)
-    if not subject or i < 0:
-        raise ValueError(f"subject {subject!r} not found in prompt {filled_prompt!r}")
-    return _escape_braces(filled_prompt[:i]) + "{}" + _escape_braces(filled_prompt[i + len(subject):])
 
 
 def _template(filled_prompt: str, subject: str, path: str) -> str:
@@ -600,17 +480,11 @@ def iter_wikipedia_texts(path: str | Path) -> Iterator[str]:
                     yield paragraph
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
-
-
 def iter_sentences(paragraphs: Iterable[str]) -> Iterator[str]:
-    """Split paragraphs into sentences: after ``.``, ``!`` or ``?`` and whitespace, before a capital, digit,
-    quote or parenthesis (a heuristic: "U.S. Army" stays whole only when no capital follows the space)."""
+    """Split paragraphs into sentences with `larimar.facts.split_sentences` (the one sentence splitter)."""
     for paragraph in paragraphs:
-        for sentence in _SENTENCE_END.split(paragraph):
-            sentence = sentence.strip()
-            if sentence:
-                yield sentence
+        if paragraph.strip():
+            yield from split_sentences(paragraph)
 
 
 def _encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -748,17 +622,3 @@ def read_wikitext(path: str | Path, detokenize: bool = False) -> str:
     return text
 
 
-def iter_wikitext_paragraphs(path: str | Path) -> Iterator[str]:
-    """Stream the text lines of a WikiText-103 tokens file, headings and blank lines left out.
-
-    Args:
-        path: e.g. ``../shared/data/wikitext103/wiki.valid.tokens``.
-
-    Yields:
-        each paragraph line, stripped, escapes as in the file.
-    """
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not (line.startswith("=") and line.endswith("=")):
-                yield line

@@ -27,7 +27,7 @@ QUESTIONS = [
 
 def run_demo(checkpoint: str | None = None) -> None:
     """Runs the editing demo if a checkpoint is available, else the memory demo."""
-    from larimar.editing import DEFAULT_CHECKPOINT
+    from larimar.editor import DEFAULT_CHECKPOINT
 
     path = Path(checkpoint) if checkpoint else Path(DEFAULT_CHECKPOINT)
     if (path / "config.json").is_file():
@@ -41,7 +41,7 @@ def run_demo(checkpoint: str | None = None) -> None:
 
 def editing_demo(checkpoint: str) -> None:
     """Edit, ask, forget with the real model."""
-    from larimar.editing import Larimar
+    from larimar.editor import Larimar
 
     t0 = time.perf_counter()
     lm = Larimar.from_pretrained(checkpoint)

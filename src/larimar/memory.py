@@ -18,8 +18,14 @@ alpha = +1 writes, alpha = -1 forgets. Starting from M = 0, U = I, writing N ite
 same memory as one batch write with the same s2, and forgetting an item gives the memory written without it.
 Keys are computed against a frozen copy of M0 and stored per item, so they are reproducible.
 
-Pseudo-inverses are computed by one of three solvers, all differentiable:
-    "ridge"       closed-form ridge least squares (Cholesky on the smaller Gram matrix, float64); default
+Keys are linear in z, W = Z P with P = I M0^+ (C, K): at inference (no gradient to M0) P is computed once and
+cached until M0 changes (`EpisodicMemory.key_operator`), so a write costs one (N, C) x (C, K) product for the
+keys plus N x N solves. Gram matrices are float64 (exactness); the big products (Z P, W^T A) stay in the
+inputs' dtype.
+
+Pseudo-inverses are computed by one of three solvers (`larimar.solvers`), all differentiable:
+    "ridge"       closed-form ridge least squares (Cholesky on the smaller Gram matrix, float64: the (R, R) dual or
+                  the (C, C) primal form, whichever is smaller); default
     "pinv"        torch.linalg.pinv (SVD); the exact reference, slow
     "ben_israel"  the paper's Ben-Israel-Cohen (Newton-Schulz) iteration, X <- X (2I - A X), started at
                   X0 = A^T / ||A||_F^2, a step that cannot diverge (||A||_F^2 >= sigma_max^2)
@@ -28,16 +34,28 @@ Pseudo-inverses are computed by one of three solvers, all differentiable:
 from __future__ import annotations
 
 import logging
-import math
-import uuid
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
+from larimar.solvers import (
+    SOLVERS,
+    ben_israel_pinv,
+    chol_solve,
+    cholesky,
+    effective_ridge,
+    gram_trace,
+    one_fact_read,
+    plus_diag,
+    refined_solve,
+    ridge_solve,
+    solve_weights,
+)
+
 logger = logging.getLogger(__name__)
 
-SOLVERS = ("ridge", "pinv", "ben_israel")
 READ_MODES = ("keyed", "memory", "nearest")
 """How a memory of items is read for a query: `ItemMemory.read_keyed` at the nearest item (default), `ItemMemory.read`
 with the query's latent (the paper), or the nearest item's stored latent (an ablation that bypasses the memory)."""
@@ -82,126 +100,6 @@ class MemoryConfig:
 # Linear algebra: least squares  w = argmin ||Y - w X||^2 + lam ||w||^2  for X (B, R, C), Y (B, Q, C)
 
 
-def _cholesky(A: Tensor) -> Tensor:
-    """Cholesky factor of a symmetric positive definite A (B, n, n), adding jitter if rounding needs it."""
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    scale = A.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(1e-300)
-    jitter = 0.0
-    for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(A + jitter * scale * eye)
-        if not bool((info > 0).any()):
-            return L
-        jitter = 1e-14 if jitter == 0.0 else jitter * 100
-    raise torch.linalg.LinAlgError("Cholesky failed on a Gram matrix even with jitter (non-finite inputs?)")
-
-
-def _gram_solve(A: Tensor, rhs: Tensor) -> Tensor:
-    """Solves A x = rhs for symmetric positive definite A (B, n, n) by Cholesky."""
-    return torch.cholesky_solve(rhs, _cholesky(A))
-
-
-def ridge_lstsq(Y: Tensor, X: Tensor, lam: Tensor | float) -> Tensor:
-    """Ridge least squares weights w (B, Q, R) with w X ~= Y, regularised by lam ||w||^2.
-
-    The Gram matrix is formed and factored in float64 (the ridge sits above its rounding error), and used twice: a ridge solve, then one step of iterative refinement on the residual (iterated
-    Tikhonov), which shrinks the ridge's bias from lam / s^2 to (lam / s^2)^2 for a singular value s while
-    directions far below the ridge (rounding noise) stay suppressed.
-
-    Args:
-        Y: targets (B, Q, C).
-        X: rows to combine (B, R, C).
-        lam: ridge, a float or a tensor broadcastable to (B, 1, 1).
-    """
-    dtype = torch.promote_types(Y.dtype, X.dtype)
-    Y, X = Y.to(dtype), X.to(dtype)
-    lam = torch.as_tensor(lam, dtype=torch.float64, device=Y.device)
-    R, C = X.shape[-2], X.shape[-1]
-    Xt = X.transpose(-1, -2)
-    if R <= C:  # (R, R) Gram: w = Y X^T (X X^T + lam I)^-1
-        L = _cholesky(X.double() @ Xt.double() + lam * torch.eye(R, dtype=torch.float64, device=Y.device))  # (B, R, R)
-
-        def solve(T: Tensor) -> Tensor:  # T (B, Q, C) -> (B, Q, R)
-            return torch.cholesky_solve((X @ T.transpose(-1, -2)).double(), L).transpose(-1, -2).to(dtype)
-
-    else:  # push-through identity on the (C, C) Gram: w = Y (X^T X + lam I)^-1 X^T
-        L = _cholesky(Xt.double() @ X.double() + lam * torch.eye(C, dtype=torch.float64, device=Y.device))  # (B, C, C)
-
-        def solve(T: Tensor) -> Tensor:
-            V = torch.cholesky_solve(T.transpose(-1, -2).double(), L).transpose(-1, -2)  # (B, Q, C)
-            return V.to(dtype) @ Xt  # (B, Q, R)
-
-    w = solve(Y)
-    return w + solve(Y - w @ X)  # one refinement step
-
-
-def ben_israel_pinv(A: Tensor, iters: int = 60) -> Tensor:
-    """Moore-Penrose pseudo-inverse (B, n, m) of A (B, m, n) by the Ben-Israel-Cohen iteration, in float64.
-
-    X0 = A^T / ||A||_F^2 satisfies 0 < alpha < 2 / sigma_max^2, so the iteration converges for any A: a
-    singular value s is inverted after about log2(||A||_F^2 / s^2) steps; far smaller ones (rounding noise)
-    stay near zero, which acts as the truncation of an exact pseudo-inverse.
-    """
-    A64 = A.double()
-    alpha = 1.0 / (A64.pow(2).sum(dim=(-2, -1), keepdim=True)).clamp_min(1e-300)  # (B, 1, 1)
-    X = alpha * A64.transpose(-1, -2)  # (B, n, m)
-    for _ in range(iters):
-        X = 2 * X - X @ A64 @ X
-    return X.to(A.dtype)
-
-
-def _sq_norm(X: Tensor) -> Tensor:
-    """Squared Frobenius norm of X (B, R, C) as (B, 1, 1), float64: the trace of its Gram matrix."""
-    return X.detach().double().pow(2).sum(dim=(-2, -1))[:, None, None]
-
-
-def one_fact_read(Zq: Tensor, R: Tensor) -> Tensor:
-    """The read of a memory holding one item r at query z_q: the projection (z_q . r / |r|^2) r.
-
-    Args:
-        Zq: queries (..., C).
-        R: the items' read-outs (..., C), broadcastable with Zq.
-
-    Returns:
-        (..., C) in the dtype of the product.
-    """
-    scale = (Zq * R).sum(-1, keepdim=True) / R.pow(2).sum(-1, keepdim=True).clamp_min(1e-30)  # (..., 1)
-    return scale * R
-
-
-def effective_ridge(dtype: torch.dtype, rel_ridge: float) -> float:
-    """The relative ridge actually used, on squared singular values (times ||X||_F^2).
-
-    Two floors: 10 x float64's epsilon, the rounding of the float64 Gram matrix; and (10 x eps)^2 of the
-    matrix's own dtype, since its entries carry a relative rounding of eps, so singular values below about
-    10 eps ||X||_F are noise (float32: 1.4e-12; bfloat16: 6.1e-3).
-    """
-    return max(rel_ridge, 10 * torch.finfo(torch.float64).eps, (10 * torch.finfo(dtype).eps) ** 2)
-
-
-def solve_weights(Y: Tensor, X: Tensor, solver: str, rel_ridge: float, iters: int | None = None) -> Tensor:
-    """Least-squares weights w (B, Q, R) with w X ~= Y, i.e. w = Y X^+, by the chosen solver.
-
-    All three solvers drop directions of X below the rounding noise of X's dtype in the same way: the
-    ridge is relative (`effective_ridge`), pinv's rtol is its square root, and Ben-Israel runs just enough
-    steps to invert singular values above that level.
-    """
-    rel = effective_ridge(X.dtype, rel_ridge)
-    if solver == "ridge":
-        return ridge_lstsq(Y, X, rel * _sq_norm(X) + 1e-300)
-    dtype = torch.promote_types(Y.dtype, X.dtype)
-    if solver == "pinv":
-        return (Y.double() @ torch.linalg.pinv(X.double(), rtol=rel**0.5)).to(dtype)
-    if solver == "ben_israel":
-        if iters is None:  # invert singular values s with s^2 >= rel * ||X||_F^2; 8 more steps to converge
-            iters = int(math.ceil(math.log2(1.0 / rel))) + 8
-        return (Y.double() @ ben_israel_pinv(X, iters).double()).to(dtype)
-    raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The memory module (batched, differentiable; used for training and batch editing)
-
-
 class EpisodicMemory(nn.Module):
     """A batch of B Kanerva memories sharing a learned prior mean M0 (K, C) and a per-slot read noise.
 
@@ -234,13 +132,47 @@ class EpisodicMemory(nn.Module):
             shape = tuple(M.shape) if isinstance(M, Tensor) else type(M).__name__
             raise ValueError(f"memory must have shape (B, {K}, {C}), got {shape}")
 
+    # -- the key operator, cached at inference ------------------------------------------------------------
+    def key_operator(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """P = I M0^+ (C, K) in ``dtype``, the linear map of the keys W = Z P, cached; None while M0 needs grad.
+
+        Keys are linear in Z for every solver (the refined ridge solve too), so at inference one factorisation
+        of M0 serves every call. The cache is keyed on M0's storage and version counter (any in-place change,
+        an optimizer step or `load_state_dict`, bumps it), its dtype, device and the solver settings, and
+        holds a view of M0's storage so its address cannot be reused. While gradients flow to M0 (training)
+        nothing is cached: the keys are solved against M0 each call; nor for an M0 made in inference mode, which
+        has no version counter. P itself is a normal tensor (usable by autograd) even when made in inference mode.
+        """
+        M0 = self.M0
+        if (M0.requires_grad and torch.is_grad_enabled()) or M0.is_inference():
+            return None
+        cfg = self.config
+        key = (M0.data_ptr(), M0._version, M0.device, dtype, cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)
+        cache = self.__dict__.setdefault("_key_cache", {})  # dtype -> (key, M0 view, P)
+        hit = cache.get(dtype)
+        if hit is not None and hit[0] == key:
+            return hit[2]
+        with torch.inference_mode(False), torch.no_grad():
+            ref = M0.detach()  # keeps M0's storage alive while it keys the cache
+            eye = torch.eye(M0.shape[1], dtype=torch.float64, device=M0.device)[None]  # (1, C, C)
+            P = solve_weights(eye, ref.to(dtype)[None], cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)[0]
+            P = P.to(dtype)  # (C, K)
+        cache[dtype] = (key, ref, P)  # a plain attribute: not a parameter, buffer or state
+        return P
+
     # -- operations ----------------------------------------------------------------------------------------
     def address(self, Z: Tensor, M: Tensor | None = None) -> Tensor:
         """Addressing weights W = Z M^+ (B, N, K) for Z (B, N, C); M defaults to the prior mean M0."""
         self._check(Z, "Z")
-        if M is None:
-            M = self.M0.to(Z.dtype)[None]  # (1, K, C): one Gram factorisation shared by the batch
+        return self._address(Z, M)
+
+    def _address(self, Z: Tensor, M: Tensor | None = None) -> Tensor:
         cfg = self.config
+        if M is None:
+            P = self.key_operator(Z.dtype)
+            if P is not None:
+                return Z @ P  # (B, N, K)
+            M = self.M0.to(Z.dtype)[None]  # (1, K, C): one Gram factorisation shared by the batch
         return solve_weights(Z, M, cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)
 
     def write(self, Z: Tensor, noise_std: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
@@ -253,25 +185,49 @@ class EpisodicMemory(nn.Module):
 
         Returns:
             M (B, K, C) = W^T (W W^T + s2 I)^-1 Z with W = Z M0^+ (ridge solver), or W^+ Z (other solvers).
+            The ridge write solves the (N, N) system, or the (K, K) one, M = (W^T W + s2 I)^-1 W^T Z, when N > K.
         """
+        self._check(Z, "Z")
+        K, N = self.config.num_slots, Z.shape[1]
+        if self.config.solver == "ridge" and N > K:
+            Z = self._noisy(Z, noise_std, generator)
+            W64 = self._address(Z).double()  # (B, N, K)
+            H = W64.transpose(-1, -2) @ W64  # (B, K, K)
+            L = cholesky(plus_diag(H, self.config.obs_noise_var))
+            return torch.cholesky_solve(W64.transpose(-1, -2) @ Z.double(), L).to(Z.dtype)  # (B, K, C)
         W, A = self._write_factors(Z, noise_std, generator)
         return W.transpose(-1, -2) @ A  # (B, K, C)
+
+    @staticmethod
+    def _noisy(Z: Tensor, noise_std: float, generator: torch.Generator | None) -> Tensor:
+        if noise_std > 0:
+            Z = Z + noise_std * torch.randn(Z.shape, generator=generator, dtype=Z.dtype, device=Z.device)
+        return Z
+
+    def _ridge_write(self, Z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Ridge write of checked (noisy) items Z (B, N, C), M = W^T A.
+
+        Returns:
+            keys W (B, N, K) in Z's dtype, then in float64: W, Z, A = (G + s2 I)^-1 Z (B, N, C) and the keys'
+            Gram matrix G = W W^T (B, N, N).
+        """
+        W = self._address(Z)  # (B, N, K)
+        W64, Z64 = W.double(), Z.double()
+        G = W64 @ W64.transpose(-1, -2)  # (B, N, N)
+        L = cholesky(plus_diag(G, self.config.obs_noise_var))  # (B, N, N)
+        return W, W64, Z64, chol_solve(L, Z64), G  # A: an N x N solve; M = W^T A is RLS's posterior mean
 
     def _write_factors(
         self, Z: Tensor, noise_std: float = 0.0, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """Factors of a batch write, M = W^T A: keys W (B, N, K) and A (B, N, C)."""
         self._check(Z, "Z")
-        if noise_std > 0:
-            Z = Z + noise_std * torch.randn(Z.shape, generator=generator, dtype=Z.dtype, device=Z.device)
-        W = self.address(Z)  # (B, N, K)
+        Z = self._noisy(Z, noise_std, generator)
         cfg = self.config
         if cfg.solver == "ridge":
-            # A = (W W^T + s2 I)^-1 Z: an N x N solve; M = W^T A is the posterior mean RLS reaches too
-            N = W.shape[1]
-            G = W.double() @ W.double().transpose(-1, -2)  # (B, N, N)
-            G = G + cfg.obs_noise_var * torch.eye(N, dtype=torch.float64, device=Z.device)
-            return W, _gram_solve(G, Z.double()).to(Z.dtype)
+            W, _, _, A, _ = self._ridge_write(Z)
+            return W, A.to(Z.dtype)
+        W = self._address(Z)  # (B, N, K)
         # exact least squares M = W^+ Z = W^T (W W^T)^+ Z
         G = W @ W.transpose(-1, -2)  # (B, N, N)
         Gp = torch.linalg.pinv(G.double()) if cfg.solver == "pinv" else ben_israel_pinv(G)
@@ -288,7 +244,8 @@ class EpisodicMemory(nn.Module):
         """Writes an episode and reads it at queries, using the write's low-rank factors (fast path).
 
         Equals `read(write(Z), Zq)` up to the ridge: with M = W^T A, M^+ = A^+ (W^T)^+, so only N x N systems
-        are solved instead of a K x K (or C x C) one per memory.
+        are solved instead of a K x K (or C x C) one per memory. With the ridge solver the keys' Gram matrix
+        G = W W^T of the write is reused by the second solve, w_mean = u (W^T)^+ = u (G + lam I)^-1 W (refined).
 
         Args:
             Z: items to write (B, N, C).
@@ -301,12 +258,27 @@ class EpisodicMemory(nn.Module):
             M (B, K, C), z_read (B, Q, C), w_mean (B, Q, K), w_std (B, Q, K).
         """
         self._check(Zq, "Zq")
-        W, A = self._write_factors(Z, noise_std, generator)
         cfg = self.config
         # the N x N systems are small: solve them in float64 whatever the inputs' dtype
-        A64, W64 = A.double(), W.double()
-        u = solve_weights(Zq.double(), A64, cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)  # (B, Q, N)
-        w_mean = solve_weights(u, W64.transpose(-1, -2), cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)
+        rel = effective_ridge(torch.float64, cfg.read_ridge)
+        if cfg.solver == "ridge":
+            self._check(Z, "Z")
+            queries_are_items = Zq is Z and not noise_std > 0
+            Z = self._noisy(Z, noise_std, generator)
+            W, W64, Z64, A64, G = self._ridge_write(Z)  # (B, N, K) x 2, (B, N, C) x 2, (B, N, N)
+            A = A64.to(Z.dtype)
+            u = ridge_solve(Z64 if queries_are_items else Zq.double(), A64, 1e-300, rel)  # (B, Q, N) = Zq A^+
+            K, N = W.shape[-1], W.shape[-2]
+            if K > N:  # (W^T)^+ on the (N, N) Gram matrix G already formed by the write
+                V = refined_solve(G, rel * gram_trace(G) + 1e-300, u.transpose(-1, -2))  # (B, N, Q)
+                w_mean = V.transpose(-1, -2) @ W64  # (B, Q, K); float64: V is large off span(W W^T)
+            else:
+                w_mean = ridge_solve(u, W64.transpose(-1, -2), 1e-300, rel)  # (B, Q, K)
+        else:
+            W, A = self._write_factors(Z, noise_std, generator)
+            A64, W64 = A.double(), W.double()
+            u = solve_weights(Zq.double(), A64, cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)  # (B, Q, N)
+            w_mean = solve_weights(u, W64.transpose(-1, -2), cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)
         w_mean, u = w_mean.to(Zq.dtype), u.to(Zq.dtype)  # (B, Q, K), (B, Q, N)
         M = W.transpose(-1, -2) @ A  # (B, K, C)
         w_std = self.log_read_std.exp().to(w_mean.dtype).expand_as(w_mean)  # (B, Q, K)
@@ -375,10 +347,15 @@ class ItemMemory:
         self.M_ref = memory.M0.detach().to(dev, torch.float64).clone()  # (K, C) frozen reference for keys
         self.M = torch.zeros(K, C, dtype=torch.float64, device=dev)  # (K, C)
         self.U = torch.eye(K, dtype=torch.float64, device=dev)  # (K, K)
-        # keys are linear in z: W = Z P with P = I M_ref^+ (C, K), factored once
-        eye = torch.eye(C, dtype=torch.float64, device=dev)
-        cfg = self.config
-        self._key_op = solve_weights(eye[None], self.M_ref[None], cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)[0]
+        # keys are linear in z: W = Z P with P = I M_ref^+ (C, K), factored once (shared with the module's cache)
+        with torch.no_grad():  # the keys never carry gradients
+            P = memory.key_operator(torch.float64)
+        if P is None:  # an M0 made in inference mode: solve against the frozen copy
+            eye = torch.eye(C, dtype=torch.float64, device=dev)
+            cfg = self.config
+            with torch.no_grad():
+                P = solve_weights(eye[None], self.M_ref[None], cfg.solver, cfg.read_ridge, cfg.ben_israel_iters)[0]
+        self._key_op = P.to(dev)  # (C, K), never modified in place
         self._z: dict[str, Tensor] = {}  # id -> (C,) latent, in write order
         self._w: dict[str, Tensor] = {}  # id -> (K,) key
 
@@ -408,16 +385,26 @@ class ItemMemory:
         return Z @ self._key_op  # (n, K)
 
     def _update(self, W: Tensor, Z: Tensor, alpha: float) -> None:
-        """Kalman-gain RLS step with keys W (n, K), items Z (n, C), alpha = +1 write / -1 forget."""
+        """Kalman-gain RLS step with keys W (n, K), items Z (n, C), alpha = +1 write / -1 forget.
+
+        M and U are updated in place; one item is a rank-one update: with u = U w and s = s2 / alpha + w . u,
+        M += (u / s) (z - w M) and U -= (u / s) u^T (`torch.addr_`, no (n, n) or (K, K) temporaries).
+        """
         s2 = self.config.obs_noise_var
         n = W.shape[0]
+        if n == 1:
+            w = W[0]  # (K,)
+            wu = w @ self.U  # (K,) = U w, U symmetric
+            g = wu / (torch.dot(wu, w) + s2 / alpha)  # (K,) Kalman gain
+            self.M.addr_(g, Z[0] - w @ self.M)  # (K, C)
+            self.U.addr_(g, wu, alpha=-1.0)  # (K, K)
+            return
         WU = W @ self.U  # (n, K)
         S = (s2 / alpha) * torch.eye(n, dtype=torch.float64, device=self.device) + WU @ W.T  # (n, n)
-        Gt = WU / S if n == 1 else torch.linalg.solve(S, WU)  # (n, K) = (U W^T S^-1)^T, U and S symmetric
-        self.M = self.M + Gt.T @ (Z - W @ self.M)  # (K, C)
-        self.U = self.U - Gt.T @ WU  # (K, K)
-        if n > 1:  # a rank-1 update is symmetric to the bit; a block update only up to rounding
-            self.U = 0.5 * (self.U + self.U.T)
+        Gt = torch.linalg.solve(S, WU)  # (n, K) = (U W^T S^-1)^T, U and S symmetric
+        self.M.addmm_(Gt.T, Z - W @ self.M)  # (K, C)
+        self.U.addmm_(Gt.T, WU, alpha=-1.0)  # (K, K)
+        self.U.copy_(0.5 * (self.U + self.U.T))  # a block update is symmetric only up to rounding
 
     def _as_items(self, Z: Tensor) -> Tensor:
         C = self.config.code_size
@@ -442,7 +429,7 @@ class ItemMemory:
         """
         Z = self._as_items(Z)
         if ids is None:
-            ids = [uuid.uuid4().hex[:16] for _ in range(Z.shape[0])]
+            ids = [os.urandom(8).hex() for _ in range(Z.shape[0])]  # 16 random hex digits, as uuid4().hex[:16]
         ids = [str(i) for i in ids]
         if len(ids) != Z.shape[0]:
             raise ValueError(f"got {len(ids)} ids for {Z.shape[0]} latents")
@@ -484,7 +471,7 @@ class ItemMemory:
         written latents' space, so W M = Z in the limit s2 -> 0, for any number of items). With queries Zq (Q, C)
         the result is the projection of each query on its item's read-out, (z_q . r_i / |r_i|^2) r_i: the paper's
         read of a memory holding that one item. This is how a memory of many facts is read when a scope detector
-        names the fact (``read_mode="keyed"`` in `larimar.editing`); the query-addressed `read` returns the
+        names the fact (``read_mode="keyed"`` in `larimar.editor.read`); the query-addressed `read` returns the
         projection on the span of every written latent, which is the query itself once N >= C.
 
         Args:
@@ -518,7 +505,9 @@ class ItemMemory:
         K, C = self.config.num_slots, self.config.code_size
         Z = torch.stack(list(self._z.values())) if self._z else torch.zeros(0, C, dtype=torch.float64)
         W = torch.stack(list(self._w.values())) if self._w else torch.zeros(0, K, dtype=torch.float64)
-        return {"M": self.M.cpu(), "U": self.U.cpu(), "M_ref": self.M_ref.cpu(), "Z": Z.cpu(), "W": W.cpu()}
+        # copies: M and U are updated in place by later writes
+        state = {"M": self.M, "U": self.U, "M_ref": self.M_ref, "Z": Z, "W": W}
+        return {k: v.to("cpu", copy=True) for k, v in state.items()}
 
     @classmethod
     def from_state_tensors(
@@ -540,3 +529,57 @@ class ItemMemory:
             im._z[item_id] = tensors["Z"][i].to(dev, torch.float64)
             im._w[item_id] = tensors["W"][i].to(dev, torch.float64)
         return im
+
+
+SLOT_INITS = ("random", "eye")
+"""How `resize_memory` fills the rows added beyond a trained memory's K0."""
+
+
+def resize_memory(memory: EpisodicMemory, num_slots: int, init: str = "random", seed: int = 0) -> EpisodicMemory:
+    """A memory module with ``num_slots`` rows built from a trained one's prior mean M0.
+
+    The first K rows of M0 for K <= K0; for K > K0 the learned rows followed by K - K0 extra rows, either random
+    (seeded Gaussian rows scaled to M0's median row norm, so every slot gets non-zero keys) or identity rows
+    (``eye(K, C)[K0:]``, zero rows whenever K0 >= C, i.e. unused slots).
+
+    Args:
+        memory: the trained module (not changed).
+        num_slots: K, the new number of slots.
+        init: rows added when K > K0: "random" (seeded Gaussian rows at M0's median row norm) or "eye".
+        seed: seed of the random rows (a local generator).
+
+    Returns:
+        ``memory`` itself when K = K0, else a new module (same config but ``num_slots``) on M0's device.
+
+    Raises:
+        ValueError: K < 1 or an unknown init.
+    """
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+    if init not in SLOT_INITS:
+        raise ValueError(f"slot init must be one of {SLOT_INITS}, got {init!r}")
+    K0, C = memory.config.num_slots, memory.config.code_size
+    if num_slots == K0:
+        return memory
+    M0 = memory.M0.detach().float().cpu()  # (K0, C)
+    std = memory.log_read_std.detach().float().cpu()  # (K0,)
+    if num_slots < K0:
+        rows, stds = M0[:num_slots], std[:num_slots]
+    else:
+        extra = num_slots - K0
+        if init == "eye":
+            new = torch.eye(num_slots, C)[K0:]  # (extra, C): zero rows when K0 >= C
+            if not bool(new.any()):
+                logger.warning("eye rows beyond K0 = %d >= C = %d are zero: the %d new slots get no keys", K0, C, extra)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            new = torch.randn(extra, C, generator=g)  # (extra, C)
+            scale = M0.norm(dim=1).median().clamp_min(1e-6)
+            new = new / new.norm(dim=1, keepdim=True) * scale
+        rows = torch.cat([M0, new])  # (K, C)
+        stds = torch.cat([std, std.median().expand(extra)])  # (K,)
+    out = EpisodicMemory(replace(memory.config, num_slots=num_slots))
+    with torch.no_grad():
+        out.M0.copy_(rows)
+        out.log_read_std.copy_(stds)
+    return out.to(memory.M0.device).eval()

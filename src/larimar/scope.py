@@ -1,7 +1,7 @@
 """The scope detector: is a query about a written fact, or should the decoder ignore memory?
 
 Larimar's read-out is the projection of the query's encoding on the span of the written items, so a
-memory holding one fact answers EVERY query with a copy of that fact (METHOD.md section 2). The
+memory holding one fact answers EVERY query with a copy of that fact (docs/method.md). The
 detector decides per query whether memory applies; out of scope, the decoder runs with z = 0.
 
 Method: a sentence encoder (all-MiniLM-L6-v2 by default) embeds the written facts once; a query is in
@@ -30,16 +30,14 @@ precomputed fact embeddings. State is stored as safetensors (embeddings) + JSON 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from larimar.facts import split_sentences
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +46,6 @@ EmbedFn = Callable[[list[str]], torch.Tensor]
 
 MODES = ("prompt", "prompt_answer")
 
-_STATE_TENSORS = "scope_embeddings.safetensors"
-_STATE_JSON = "scope.json"
 
 
 def default_encoder_path() -> str:
@@ -71,38 +67,6 @@ def _load_sentence_encoder(path: str, device: str) -> Any:
 
     logger.info("loading scope encoder %s on %s", path, device)
     return SentenceTransformer(path, device=device)
-
-
-# Split after . ! ? (and closing quotes/brackets) followed by space and an upper-case letter, digit or
-# quote; not after a lone initial ("J. Smith") or a common abbreviation ("St. Louis", "Dr. Who").
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "mt", "ft", "no", "vs", "etc", "prof", "gen", "col",
-                  "lt", "sgt", "capt", "rev", "hon", "inc", "ltd", "co", "corp", "jan", "feb", "aug", "sept",
-                  "oct", "nov", "dec", "u.s", "e.g", "i.e", "approx"}
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split a query into sentences (a light rule-based splitter, no model).
-
-    Args:
-        text: e.g. ``"Hybrid vehicles. Laurent Cars found employment in"``.
-
-    Returns:
-        the non-empty sentences, stripped, in order (``[text.strip()]`` when there is one).
-    """
-    sentences: list[str] = []
-    for line in text.splitlines():  # a line break always ends a sentence
-        start = 0
-        for match in _SENTENCE_END.finditer(line):
-            candidate = line[start:match.start()].rstrip("\"')]")
-            last_word = candidate.rsplit(None, 1)[-1] if candidate.split() else ""
-            stem = last_word.rstrip(".!?").lower()
-            if last_word.endswith(".") and (len(stem) == 1 or stem in _ABBREVIATIONS):
-                continue  # "J. Smith", "St. Louis": not a sentence end
-            sentences.append(line[start:match.start()])
-            start = match.end()
-        sentences.append(line[start:])
-    return [s.strip() for s in sentences if s.strip()] or [text.strip()]
 
 
 class ThresholdRow(NamedTuple):
@@ -404,48 +368,4 @@ class ScopeDetector:
         detector.add_embeddings(embeddings, ids)
         return detector
 
-    def save(self, directory: str | Path) -> None:
-        """Write the state: ``scope_embeddings.safetensors`` + ``scope.json`` (ids and settings).
 
-        Args:
-            directory: created if needed.
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        emb = self._embeddings if self._embeddings is not None else torch.zeros(0, 0)
-        save_file({"embeddings": emb.contiguous()}, str(directory / _STATE_TENSORS))
-        state = {"ids": self._ids, "threshold": self.threshold, "mode": self.mode,
-                 "encoder_path": self.encoder_path, "dim": self.dim}
-        (directory / _STATE_JSON).write_text(json.dumps(state, indent=1), encoding="utf-8")
-
-    @classmethod
-    def load(cls, directory: str | Path, embed_fn: EmbedFn | None = None, device: str = "cpu",
-             **overrides: Any) -> ScopeDetector:
-        """Read a state written by :meth:`save`.
-
-        Args:
-            directory: the folder given to :meth:`save`.
-            embed_fn: the query encoder (must be the one the facts were embedded with).
-            device: the encoder's device.
-            **overrides: settings to change (threshold, mode, encoder_path).
-
-        Returns:
-            the detector.
-
-        Raises:
-            ValueError: files missing or inconsistent.
-        """
-        directory = Path(directory)
-        json_path, tensor_path = directory / _STATE_JSON, directory / _STATE_TENSORS
-        if not json_path.is_file() or not tensor_path.is_file():
-            raise ValueError(f"{directory}: expected {_STATE_JSON} and {_STATE_TENSORS} written by ScopeDetector.save")
-        state = json.loads(json_path.read_text(encoding="utf-8"))
-        settings = {"threshold": state["threshold"], "mode": state["mode"], "encoder_path": state["encoder_path"]}
-        settings.update(overrides)
-        detector = cls(embed_fn=embed_fn, device=device, **settings)
-        emb = load_file(str(tensor_path))["embeddings"]
-        if state["ids"]:
-            if emb.shape[0] != len(state["ids"]):
-                raise ValueError(f"{directory}: {emb.shape[0]} embeddings for {len(state['ids'])} ids")
-            detector.add_embeddings(emb, state["ids"])
-        return detector

@@ -54,7 +54,7 @@ from larimar.baselines.hparams import (
 from larimar.baselines.ike import apply_ike
 from larimar.baselines.memit import apply_memit
 from larimar.baselines.rome import apply_rome
-from larimar.data import EditRequest
+from larimar.facts import EditRequest
 
 ApplyFn = Callable[[nn.Module, Any, Sequence[EditRequest], Any], tuple[nn.Module, EditHandle]]
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from larimar.baselines.hparams import ROMEHyperParams
 from larimar.baselines.nethook import Trace
-from larimar.data import EditRequest
+from larimar.facts import EditRequest
 
 logger = logging.getLogger(__name__)
 

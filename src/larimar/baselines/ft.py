@@ -13,10 +13,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from larimar.baselines.common import EditHandle, backup_weights, build_batch, model_device, target_ids, target_nll
+from larimar.baselines.common import (
+    EditHandle,
+    backup_weights,
+    build_batch,
+    model_device,
+    target_ids,
+    target_nll,
+)
 from larimar.baselines.hparams import FTHyperParams, arch_spec, resolve_layer
 from larimar.baselines.nethook import get_module
-from larimar.data import EditRequest
+from larimar.facts import EditRequest
 
 logger = logging.getLogger(__name__)
 

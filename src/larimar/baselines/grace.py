@@ -25,10 +25,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from larimar.baselines.common import EditHandle, build_batch, frozen, lookup_index, model_device, target_ids, target_nll
+from larimar.baselines.common import (
+    EditHandle,
+    build_batch,
+    frozen,
+    lookup_index,
+    model_device,
+    target_ids,
+    target_nll,
+)
 from larimar.baselines.hparams import GRACEHyperParams, arch_spec, resolve_layer
 from larimar.baselines.nethook import Trace, get_module
-from larimar.data import EditRequest
+from larimar.facts import EditRequest
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from torch import nn
 from larimar.baselines.common import EditHandle
 from larimar.baselines.hparams import IKEHyperParams
 from larimar.baselines.stats import default_data_dir
-from larimar.data import EditRequest
+from larimar.facts import EditRequest
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from larimar.baselines.common import EditHandle, backup_weights, context_prefixes, module_at_lookup, optimize_delta
+from larimar.baselines.common import (
+    EditHandle,
+    backup_weights,
+    context_prefixes,
+    module_at_lookup,
+    optimize_delta,
+)
 from larimar.baselines.hparams import MEMITHyperParams, arch_spec, resolve_layer
 from larimar.baselines.nethook import get_module
 from larimar.baselines.stats import layer_stats
-from larimar.data import EditRequest
+from larimar.facts import EditRequest
 
 logger = logging.getLogger(__name__)
 

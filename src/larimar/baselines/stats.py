@@ -38,11 +38,11 @@ def cache_root() -> Path:
 
 
 def default_data_dir() -> Path:
-    """The shared data folder: ``$LARIMAR_DATA_DIR`` if set, else ``<repo>/../shared/data``."""
+    """The data folder that named corpora ("wikipedia_en") and relative demonstration files are looked up in:
+    ``$LARIMAR_DATA_DIR`` if set, else ``../shared/data`` relative to the current directory (where the commands in
+    the docs run). Never a path inside or beside the installed package."""
     env = os.environ.get("LARIMAR_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    return Path(env) if env else Path("..") / "shared" / "data"
 
 
 def resolve_corpus(corpus: str | Path) -> Path:
@@ -51,7 +51,7 @@ def resolve_corpus(corpus: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"statistics corpus {path} not found (expected 'wikipedia_en' with $LARIMAR_DATA_DIR or "
-            "<repo>/../shared/data present, or a .jsonl / .txt file)"
+            "../shared/data present, or a .jsonl / .txt file)"
         )
     return path
 

@@ -8,18 +8,21 @@ Endpoints (Bearer API keys from `MemoryStore.add_key`, per-namespace "read" / "w
     GET    /v1/memories/{ns}/facts          the live facts, in write order
     DELETE /v1/memories/{ns}/facts/{id}     exact forgetting (alpha = -1)
     GET    /v1/memories/{ns}                size, fill = size / K, checkpoint fingerprint
-    GET    /healthz                         no key needed
+    GET    /healthz                         no key needed; never waits on the model or a namespace lock
     GET    /openapi.json                    the schema (FastAPI default; /docs renders it)
 
-Every write is durable before it is acknowledged (see `larimar.store`). Completions hold the namespace's read
+Every write is durable before it is acknowledged (see `larimar.serving.store`). Completions hold the namespace's read
 lock while they read the memory, writes its write lock, so readers run in parallel, writes to one namespace are
 serialised and no request sees a half-applied write. Oversized, non-UTF-8 or malformed bodies, wrong types and
-limit violations get a 4xx with a message and change nothing.
+limit violations get a 4xx with a message and change nothing; every limit (`ServiceLimits`) is checked before any
+model work and declared in the OpenAPI schema. Model work (encoding facts, completions) runs at most
+``max_concurrent_work`` at a time with at most ``max_queued_work`` waiting; beyond that a request gets 503 with
+``Retry-After``. ``"stream": true`` answers completions as server-sent events in OpenAI's chunk format.
 
 Run it::
 
     LARIMAR_ENGINE=my_pkg.engines:load LARIMAR_STORE=/srv/larimar \\
-        uvicorn larimar.service:create_app_from_env --factory --host 127.0.0.1 --port 8000
+        uvicorn larimar.serving.service:create_app_from_env --factory --host 127.0.0.1 --port 8000
 
 or `serve(host, port, store_path, engine="my_pkg.engines:load")`. The engine is built once per process.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -36,262 +40,51 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, fields
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, runtime_checkable
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from torch import Tensor
+from starlette.routing import Match
 
-from larimar.memory import ItemMemory, MemoryConfig
-from larimar.store import ApiKey, MemoryStore, StoreError, check_namespace, check_text
+from larimar.facts import as_fact
+from larimar.serving.schemas import (
+    ID_PATTERN,
+    NAMESPACE_PATTERN,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    EditRequestBody,
+    ErrorResponse,
+    FactDeleted,
+    FactList,
+    FactOut,
+    FactsWritten,
+    Health,
+    MemoryDecision,
+    MemoryInfo,
+    Usage,
+    clean_str,
+    limited_bodies,
+)
+from larimar.serving.storage import ID_RE, ApiKey, StoreError, check_namespace
+from larimar.serving.store import MemoryStore
+from larimar.serving.work import Batcher, Engine, Job, ServiceLimits, WorkGate
 
 logger = logging.getLogger(__name__)
 
 
-@runtime_checkable
-class Engine(Protocol):
-    """What the service needs from a model: encode facts, complete a prompt given a memory.
-
-    Attributes:
-        fingerprint: the checkpoint fingerprint the store is tied to (e.g. sha256 of weights + config).
-    """
-
-    fingerprint: str
-
-    def memory_config(self) -> MemoryConfig:
-        """The memory's shape (num_slots K, code_size C)."""
-        ...
-
-    def new_memory(self) -> ItemMemory:
-        """An empty memory for a namespace."""
-        ...
-
-    def encode_facts(self, facts: list[str], requests: list[dict[str, Any] | None] | None = None) -> Tensor:
-        """Latents (n, C) of n fact sentences; ``requests[i]`` ({prompt, subject, target_new}), when given, is the
-        request sentence i was made from (an engine may use its prompt / answer split)."""
-        ...
-
-    def complete(
-        self, prompt: str, memory: ItemMemory, facts: dict[str, str], max_tokens: int, temperature: float
-    ) -> tuple[str, dict[str, Any]]:
-        """Completion text and {"in_scope": bool, "nearest_id": str | None, "similarity": float}."""
-        ...
-
-
-@dataclass
-class ServiceLimits:
-    """Request limits; anything beyond them is rejected with a 4xx before any work is done.
-
-    Attributes:
-        max_body_bytes: request body size (413 beyond).
-        max_fact_chars: characters per fact sentence (after formatting a request object).
-        max_facts_per_request: facts in one POST.
-        max_prompt_chars: characters of a prompt / of all chat messages together.
-        max_messages: chat messages per request.
-        max_tokens: the largest max_tokens a client may ask for.
-    """
-
-    max_body_bytes: int = 1_000_000
-    max_fact_chars: int = 2_000
-    max_facts_per_request: int = 256
-    max_prompt_chars: int = 8_000
-    max_messages: int = 64
-    max_tokens: int = 512
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) < 1:
-                raise ValueError(f"ServiceLimits.{f.name} must be a positive int, got {getattr(self, f.name)!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Request / response bodies
-
-
-def _clean_str(s: str) -> str:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (no lone surrogates)") from None
-    if "\x00" in s:
-        raise ValueError("must not contain NUL characters")
-    return s
-
-
-Str = Annotated[str, AfterValidator(_clean_str)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-
-
-class TargetStr(_Strict):
-    """CounterFact's target object: {"str": "Rome"} (an "id" may come along)."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-    str: Str
-
-
-class EditRequestBody(_Strict):
-    """A CounterFact-style edit request: the fact is ``prompt.format(subject) + " " + target_new``."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-    prompt: Str = Field(description="a template with one '{}' for the subject, e.g. '{} is located in'")
-    subject: Str
-    target_new: Str | TargetStr
-
-
-class WriteFactsBody(_Strict):
-    facts: list[Str | EditRequestBody] = Field(description="fact sentences or edit requests")
-    ids: list[Str] | None = Field(default=None, description="optional ids, one per fact (default: generated)")
-
-
-class CompletionBody(_Strict):
-    """OpenAI /v1/completions body; unknown OpenAI fields (top_p, stop, user, ...) are accepted and ignored."""
-
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
-    model: Str | None = None
-    prompt: Str | list[Str]
-    max_tokens: int = 16
-    temperature: float = 0.0
-    n: int = 1
-    stream: bool = False
-    memory: Str | None = Field(default=None, description="namespace whose memory conditions the completion")
-
-
-class ChatMessage(_Strict):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionBody(_Strict):
-    """OpenAI /v1/chat/completions body (+ "memory")."""
-
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
-    model: Str | None = None
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float = 0.0
-    n: int = 1
-    stream: bool = False
-    memory: Str | None = None
-
-
-class MemoryDecision(BaseModel):
-    """The scope decision reported with every completion."""
-
-    namespace: str | None
-    in_scope: bool
-    nearest_id: str | None
-    similarity: float | None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionChoice(BaseModel):
-    text: str
-    index: int
-    logprobs: None = None
-    finish_reason: str
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-    memory: MemoryDecision
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: str
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    memory: MemoryDecision
-
-
-class FactsWritten(BaseModel):
-    namespace: str
-    ids: list[str]
-    size: int
-
-
-class FactOut(BaseModel):
-    id: str
-    text: str
-    created: float
-
-
-class FactList(BaseModel):
-    namespace: str
-    facts: list[FactOut]
-
-
-class FactDeleted(BaseModel):
-    namespace: str
-    deleted: str
-    size: int
-
-
-class MemoryInfo(BaseModel):
-    namespace: str
-    size: int
-    num_slots: int
-    fill: float
-    fingerprint: str
-
-
-class Health(BaseModel):
-    status: str
-    fingerprint: str
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    code: int
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Body guard: size, UTF-8 and JSON are checked before FastAPI sees the request
-
-
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found", 413: "request_too_large",
-            415: "unsupported_media_type"}
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found", 405: "method_not_allowed",
+            413: "request_too_large", 415: "unsupported_media_type", 503: "server_overloaded"}
     return JSONResponse(
         {"error": {"message": message, "type": kind.get(status, "invalid_request_error"), "code": status}},
         status_code=status,
@@ -302,15 +95,22 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 class _BodyGuard:
     """ASGI middleware: rejects bodies over the limit (413), not declared JSON (415), not UTF-8 or not JSON (400).
 
-    An accepted body is replayed to the app unchanged.
+    Only requests a route takes (path and method) are checked: an unknown path or method gets its 404 / 405 from
+    the router. An accepted body is replayed to the app unchanged.
     """
 
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int, routes: list[Any] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.routes = routes
+
+    def _routed(self, scope: dict[str, Any]) -> bool:
+        if self.routes is None:
+            return True
+        return any(route.matches(scope)[0] == Match.FULL for route in self.routes)
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") or not self._routed(scope):
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
@@ -354,17 +154,50 @@ class _BodyGuard:
         await self.app(scope, replay, send)
 
 
+def _body_type(model: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Sets an endpoint's ``body`` annotation to a class made at run time (string annotations are resolved in the
+    module's globals, where per-app body classes are not)."""
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.__annotations__ = {**fn.__annotations__, "body": model}
+        return fn
+
+    return mark
+
+
+def _sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
+    """Server-sent events: ``data: {chunk}`` per chunk, then ``data: [DONE]``."""
+
+    def events() -> Iterator[bytes]:
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _pieces(text: str) -> list[str]:
+    """The text cut before each run of whitespace (" a b" -> [" a", " b"]), for streamed deltas."""
+    out, start = [], 0
+    for k in range(1, len(text)):
+        if text[k].isspace() and not text[k - 1].isspace():
+            out.append(text[start:k])
+            start = k
+    if start < len(text):
+        out.append(text[start:])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The app
 
 
-def _fact_sentence(fact: str | EditRequestBody) -> str:
+def _fact(fact: str | EditRequestBody) -> str | dict[str, Any]:
+    """A posted fact as `larimar.facts.as_fact` takes it."""
     if isinstance(fact, str):
         return fact
-    if fact.prompt.count("{}") != 1:
-        raise ValueError(f"an edit request's prompt must contain exactly one '{{}}', got {fact.prompt!r}")
     target = fact.target_new if isinstance(fact.target_new, str) else fact.target_new.str
-    return fact.prompt.replace("{}", fact.subject) + " " + target.strip()
+    return {"prompt": fact.prompt, "subject": fact.subject, "target_new": target}
 
 
 def _float_or_none(x: object) -> float | None:
@@ -416,16 +249,33 @@ def create_app(
         )
     empty_memory = engine.new_memory()  # for completions without a namespace; never written
     bearer = HTTPBearer(auto_error=False, description="an API key from `MemoryStore.add_key`")
+    WriteFactsBody, CompletionBody, ChatCompletionBody = limited_bodies(
+        limits.max_fact_chars, limits.max_facts_per_request, limits.max_prompt_chars, limits.max_messages,
+        limits.max_tokens,
+    )
+    work = WorkGate(limits.max_concurrent_work, limits.max_queued_work, limits.queue_timeout_s, limits.retry_after_s)
+    batcher = (
+        Batcher(engine, store, work, empty_memory, limits.batch_window_ms / 1000.0, limits.max_batch)
+        if callable(getattr(engine, "complete_batch", None)) and limits.max_batch > 1 else None
+    )
+    try:
+        takes_top_p = "top_p" in inspect.signature(engine.complete).parameters
+    except (TypeError, ValueError):
+        takes_top_p = False
+    ns_param = PathParam(description="a namespace: 1-64 of letters, digits, '_', '.', '-', starting with a letter "
+                         "or digit", json_schema_extra={"pattern": NAMESPACE_PATTERN, "maxLength": 64})
+    id_param = PathParam(description="a fact id", json_schema_extra={"pattern": ID_PATTERN, "maxLength": 128})
 
     app = FastAPI(
         title="larimar",
         version="1",
         description="Episodic memory for language models (Larimar): OpenAI-compatible completions conditioned on "
         "persistent, namespaced, editable memories.",
-        responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422)},
+        responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 405, 413, 415, 422, 503)},
     )
-    app.add_middleware(_BodyGuard, max_bytes=limits.max_body_bytes)
-    app.state.engine, app.state.store, app.state.limits = engine, store, limits
+    app.add_middleware(_BodyGuard, max_bytes=limits.max_body_bytes, routes=app.router.routes)
+    app.state.engine, app.state.store, app.state.limits, app.state.work = engine, store, limits, work
+    app.state.batcher = batcher
 
     @app.exception_handler(StarletteHTTPException)  # ours and the router's (unknown path, wrong method)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -463,18 +313,19 @@ def create_app(
             raise HTTPException(404, f"no memory namespace {ns!r} (it is created by its first write)")
         return ns
 
-    def reader(ns: str, key: ApiKey | None = Depends(authenticate)) -> str:
+    def reader(ns: str = ns_param, key: ApiKey | None = Depends(authenticate)) -> str:
         ns = namespace_of(ns)
         authorize(key, ns, "read")
         return ns
 
-    def writer(ns: str, key: ApiKey | None = Depends(authenticate)) -> tuple[str, ApiKey | None]:
+    def writer(ns: str = ns_param, key: ApiKey | None = Depends(authenticate)) -> tuple[str, ApiKey | None]:
         ns = namespace_of(ns)
         authorize(key, ns, "write")
         return ns, key
 
     def run_completion(
-        key: ApiKey | None, namespace: str | None, prompt: str, max_tokens: int, temperature: float
+        key: ApiKey | None, namespace: str | None, prompt: str, max_tokens: int, temperature: float,
+        top_p: float = 1.0,
     ) -> tuple[str, dict[str, Any], MemoryDecision]:
         if namespace is not None:
             namespace = namespace_of(namespace)
@@ -487,12 +338,24 @@ def create_app(
             raise HTTPException(422, "the prompt must not be empty")
         if len(prompt) > limits.max_prompt_chars:
             raise HTTPException(422, f"the prompt must be at most {limits.max_prompt_chars} characters")
-        if namespace is None:
-            text, info = engine.complete(prompt, empty_memory, {}, max_tokens, temperature)
-        else:
+        if namespace is not None:
             existing(namespace)
-            with store.reading(namespace) as (memory, texts):
-                text, info = engine.complete(prompt, memory, dict(texts), max_tokens, temperature)
+        extra = {"top_p": top_p} if takes_top_p else {}
+        try:
+            if batcher is not None:
+                with work.admit():
+                    text, info = batcher.submit(Job(namespace, prompt, max_tokens, temperature, top_p))
+            else:
+                with work():
+                    if namespace is None:
+                        text, info = engine.complete(prompt, empty_memory, {}, max_tokens, temperature, **extra)
+                    else:
+                        with store.reading(namespace) as (memory, texts):
+                            text, info = engine.complete(
+                                prompt, memory, dict(texts), max_tokens, temperature, **extra
+                            )
+        except ValueError as err:  # the engine refused the prompt (e.g. longer than the decoder's window)
+            raise HTTPException(422, str(err)) from None
         nearest = info.get("nearest_id")
         decision = MemoryDecision(
             namespace=namespace,
@@ -502,28 +365,31 @@ def create_app(
         )
         return str(text), info, decision
 
-    def check_openai_options(n: int, stream: bool) -> None:
-        if stream:
-            raise HTTPException(400, "stream=true is not supported; ask without streaming")
+    def check_openai_options(n: int) -> None:
         if n != 1:
             raise HTTPException(400, f"only n=1 is supported, got n={n}")
 
     @app.get("/healthz", response_model=Health, tags=["service"])
-    def healthz() -> Health:
-        """Liveness; needs no key."""
+    async def healthz() -> Health:
+        """Liveness; needs no key. Runs on the event loop: it never waits for a worker thread, the model or a lock."""
         return Health(status="ok", fingerprint=engine.fingerprint)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, tags=["openai"])
-    def completions(body: CompletionBody, key: ApiKey | None = Depends(authenticate)) -> CompletionResponse:
+    @app.post("/v1/completions", response_model=CompletionResponse, tags=["openai"],
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "the completion, or with stream=true its chunks as server-sent events"}})
+    @_body_type(CompletionBody)
+    def completions(body: CompletionBody, key: ApiKey | None = Depends(authenticate)) -> Any:
         """OpenAI-compatible text completion; "memory" names the namespace to condition on."""
-        check_openai_options(body.n, body.stream)
+        check_openai_options(body.n)
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if len(prompts) != 1:
             raise HTTPException(400, f"exactly one prompt per request is supported, got {len(prompts)}")
-        text, info, decision = run_completion(key, body.memory, prompts[0], body.max_tokens, body.temperature)
+        text, info, decision = run_completion(
+            key, body.memory, prompts[0], body.max_tokens, body.temperature, body.top_p
+        )
         used = _count(info, "completion_tokens", text)
         prompt_tokens = _count(info, "prompt_tokens", prompts[0])
-        return CompletionResponse(
+        reply = CompletionResponse(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=body.model or "larimar",
@@ -531,13 +397,23 @@ def create_app(
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=used, total_tokens=prompt_tokens + used),
             memory=decision,
         )
+        if not body.stream:
+            return reply
+        head = {"id": reply.id, "object": "text_completion", "created": reply.created, "model": reply.model}
+        chunks = [head | {"choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}],
+                          "memory": decision.model_dump()} for piece in _pieces(text)]
+        chunks.append(head | {"choices": [{"text": "", "index": 0, "logprobs": None,
+                                           "finish_reason": reply.choices[0].finish_reason}],
+                              "usage": reply.usage.model_dump(), "memory": decision.model_dump()})
+        return _sse(chunks)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"])
-    def chat_completions(
-        body: ChatCompletionBody, key: ApiKey | None = Depends(authenticate)
-    ) -> ChatCompletionResponse:
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"],
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "the completion, or with stream=true its chunks as server-sent events"}})
+    @_body_type(ChatCompletionBody)
+    def chat_completions(body: ChatCompletionBody, key: ApiKey | None = Depends(authenticate)) -> Any:
         """OpenAI-compatible chat completion. The query (scope decision and prompt) is the last user message."""
-        check_openai_options(body.n, body.stream)
+        check_openai_options(body.n)
         if not body.messages or len(body.messages) > limits.max_messages:
             raise HTTPException(422, f"messages must hold 1 to {limits.max_messages} messages")
         users = [m for m in body.messages if m.role == "user"]
@@ -549,17 +425,17 @@ def create_app(
             if not texts or not all(isinstance(t, str) for t in texts):
                 raise HTTPException(422, "a list content must hold parts {\"type\": \"text\", \"text\": str}")
             try:
-                content = _clean_str(" ".join(texts))  # type: ignore[arg-type]
+                content = clean_str(" ".join(texts))  # type: ignore[arg-type]
             except ValueError as err:
                 raise HTTPException(422, f"content {err}") from None
         if content is None:
             raise HTTPException(422, "the last user message has no content")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = 16 if max_tokens is None else max_tokens
-        text, info, decision = run_completion(key, body.memory, content, max_tokens, body.temperature)
+        text, info, decision = run_completion(key, body.memory, content, max_tokens, body.temperature, body.top_p)
         used = _count(info, "completion_tokens", text)
         prompt_tokens = _count(info, "prompt_tokens", content)
-        return ChatCompletionResponse(
+        reply = ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=body.model or "larimar",
@@ -570,8 +446,19 @@ def create_app(
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=used, total_tokens=prompt_tokens + used),
             memory=decision,
         )
+        if not body.stream:
+            return reply
+        head = {"id": reply.id, "object": "chat.completion.chunk", "created": reply.created, "model": reply.model}
+        deltas = [{"role": "assistant", "content": ""}] + [{"content": piece} for piece in _pieces(text)]
+        chunks = [head | {"choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}],
+                          "memory": decision.model_dump()} for d in deltas]
+        chunks.append(head | {"choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                           "finish_reason": reply.choices[0].finish_reason}],
+                              "usage": reply.usage.model_dump(), "memory": decision.model_dump()})
+        return _sse(chunks)
 
     @app.post("/v1/memories/{ns}/facts", response_model=FactsWritten, status_code=201, tags=["memories"])
+    @_body_type(WriteFactsBody)
     def write_facts(body: WriteFactsBody, target: tuple[str, ApiKey | None] = Depends(writer)) -> FactsWritten:
         """Writes facts to a namespace (created on first write); durable before the reply."""
         ns, key = target
@@ -579,10 +466,20 @@ def create_app(
             raise HTTPException(
                 422, f"facts must hold 1 to {limits.max_facts_per_request} items, got {len(body.facts)}"
             )
-        if body.ids is not None and len(body.ids) != len(body.facts):
-            raise HTTPException(422, f"got {len(body.ids)} ids for {len(body.facts)} facts")
+        if body.ids is not None:
+            if len(body.ids) != len(body.facts):
+                raise HTTPException(422, f"got {len(body.ids)} ids for {len(body.facts)} facts")
+            bad = [i for i in body.ids if not ID_RE.fullmatch(i)]
+            if bad:
+                raise HTTPException(422, f"invalid fact id {bad[0]!r}: ids are 1-128 of letters, digits, '_', '.', "
+                                    "':', '-' starting with a letter or digit")
+            if len(set(body.ids)) != len(body.ids):
+                raise HTTPException(422, "ids must be unique within one write")
+            taken = store.taken_ids(ns, body.ids)
+            if taken:
+                raise HTTPException(422, f"ids already in namespace {ns!r}: {taken[:5]}")
         try:
-            sentences = [check_text(_fact_sentence(f), limits.max_fact_chars) for f in body.facts]
+            sentences = [as_fact(_fact(f), limits.max_fact_chars)[0] for f in body.facts]
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
         provenance = [
@@ -592,7 +489,8 @@ def create_app(
         ]
         try:
             requests = [f.model_dump() if isinstance(f, EditRequestBody) else None for f in body.facts]
-            latents = engine.encode_facts(sentences, requests)  # (n, C)
+            with work():
+                latents = engine.encode_facts(sentences, requests)  # (n, C)
             ids = store.write(ns, sentences, latents, ids=body.ids, provenance=provenance)
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
@@ -606,7 +504,7 @@ def create_app(
         return FactList(namespace=ns, facts=facts)
 
     @app.delete("/v1/memories/{ns}/facts/{fact_id}", response_model=FactDeleted, tags=["memories"])
-    def delete_fact(fact_id: str, target: tuple[str, ApiKey | None] = Depends(writer)) -> FactDeleted:
+    def delete_fact(fact_id: str = id_param, target: tuple[str, ApiKey | None] = Depends(writer)) -> FactDeleted:
         """Forgets one fact exactly; durable before the reply."""
         ns, key = target
         existing(ns)
@@ -655,10 +553,14 @@ def load_engine(spec: str) -> Engine:
     return engine
 
 
-def open_store_for(engine: Engine, store_path: str | os.PathLike[str] | None, snapshot_every: int = 64) -> MemoryStore:
-    """Opens (or creates) the store at `store_path` for this engine's checkpoint and memory module."""
+def open_store_for(
+    engine: Engine, store_path: str | os.PathLike[str] | None, snapshot_every: int = 64, max_loaded: int | None = 64
+) -> MemoryStore:
+    """Opens (or creates) the store at `store_path` for this engine's checkpoint and memory module, holding at most
+    ``max_loaded`` namespaces in RAM (None: no bound)."""
     return MemoryStore(
-        store_path, fingerprint=engine.fingerprint, memory=engine.new_memory().memory, snapshot_every=snapshot_every
+        store_path, fingerprint=engine.fingerprint, memory=engine.new_memory().memory, snapshot_every=snapshot_every,
+        max_loaded=max_loaded,
     )
 
 
@@ -675,11 +577,12 @@ def _app_owning(engine: Engine, store: MemoryStore, limits: ServiceLimits | None
 
 
 def create_app_from_env() -> FastAPI:
-    """An app configured by environment variables (for ``uvicorn larimar.service:create_app_from_env --factory``).
+    """An app configured by environment variables (for ``uvicorn larimar.serving.service:create_app_from_env --factory``).
 
     LARIMAR_ENGINE (required) the engine factory, "package.module:factory" or "file.py:factory";
-    LARIMAR_STORE the store folder (default `larimar.store.default_store_path()`);
-    LARIMAR_LIMITS a JSON object of `ServiceLimits` fields; LARIMAR_REQUIRE_KEYS "0" for an open service.
+    LARIMAR_STORE the store folder (default `larimar.serving.store.default_store_path()`);
+    LARIMAR_LIMITS a JSON object of `ServiceLimits` fields; LARIMAR_REQUIRE_KEYS "0" for an open service;
+    LARIMAR_MAX_LOADED the namespaces held in RAM at most (default 64; "0": no bound).
     """
     spec = os.environ.get("LARIMAR_ENGINE")
     if not spec:
@@ -687,7 +590,8 @@ def create_app_from_env() -> FastAPI:
     limits = ServiceLimits(**json.loads(os.environ.get("LARIMAR_LIMITS", "{}")))
     require_keys = os.environ.get("LARIMAR_REQUIRE_KEYS", "1") != "0"
     engine = load_engine(spec)
-    store = open_store_for(engine, os.environ.get("LARIMAR_STORE") or None)
+    max_loaded = int(os.environ.get("LARIMAR_MAX_LOADED", "64"))
+    store = open_store_for(engine, os.environ.get("LARIMAR_STORE") or None, max_loaded=max_loaded or None)
     logger.info("serving store %s with engine %s (limits %s)", store.path, spec, asdict(limits))
     return _app_owning(engine, store, limits, require_keys)
 
@@ -706,9 +610,10 @@ def serve(
     Args:
         host: interface to bind (default loopback only).
         port: TCP port.
-        store_path: the store folder (default `larimar.store.default_store_path()`).
+        store_path: the store folder (default `larimar.serving.store.default_store_path()`).
         engine: an engine, or a factory spec for `load_engine` (default: $LARIMAR_ENGINE).
-        limits: request limits.
+        limits: request limits (default: $LARIMAR_LIMITS, a JSON object of `ServiceLimits` fields, else the
+            defaults); $LARIMAR_MAX_LOADED bounds the namespaces held in RAM (default 64, 0: no bound).
         require_keys: demand API keys (create them with `MemoryStore.add_key`).
         log_level: uvicorn's log level.
     """
@@ -720,7 +625,10 @@ def serve(
             raise ValueError("serve() needs an engine or a factory spec (or $LARIMAR_ENGINE)")
     if isinstance(engine, str):
         engine = load_engine(engine)
-    store = open_store_for(engine, store_path)
+    if limits is None:
+        limits = ServiceLimits(**json.loads(os.environ.get("LARIMAR_LIMITS", "{}")))
+    max_loaded = int(os.environ.get("LARIMAR_MAX_LOADED", "64"))
+    store = open_store_for(engine, store_path, max_loaded=max_loaded or None)
     app = _app_owning(engine, store, limits, require_keys)
     if host not in ("127.0.0.1", "localhost", "::1") and not require_keys:
         logger.warning("serving on %s without API keys: anyone who can reach it can edit the memories", host)

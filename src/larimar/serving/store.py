@@ -4,7 +4,7 @@ Layout of a store folder (default ``platformdirs.user_data_dir("larimar")``)::
 
     store.sqlite3                    meta, namespaces, the edit log, live facts, API keys (WAL, synchronous=FULL)
     snapshots/<namespace>/manifest.json
-    snapshots/<namespace>/snap-<seq>.safetensors   ItemMemory.state_tensors() + the manifest as metadata
+    snapshots/<namespace>/snap-<seq>.safetensors   the items' latents Z (n, C) (+ M, U when n > K) + the manifest
 
 The log is the source of truth. Each row is one item operation: (seq, namespace, id, op = write | forget, text,
 latent (float64 bytes + recorded shape, never pickle), key (the item's address W_i, float64), timestamp,
@@ -14,6 +14,16 @@ Snapshots only make opening fast: on open the newest snapshot is loaded and the 
 are replayed; a missing, stale or inconsistent snapshot falls back to ``rebuild`` (the live items of the log
 written into an empty memory, which equals the sequentially edited memory because recursive least squares
 depends only on the set of items written and not forgotten).
+
+A snapshot holds only what is the namespace's own: its items' latents Z (n, C), and its state M (K, C), U (K, K)
+only once it holds more items than slots (n > K). What every namespace shares is never copied: the prior M0 (the
+manifest keeps its digest), the keys (recomputed from Z and M0), and for n <= K the state, rebuilt on load by
+one block update of the n items from the prior (the memory `rebuild` makes; equal to the sequentially edited one
+up to float64 rounding, and forgetting stays exact: a forget subtracts the update of the item's own key).
+
+At most ``max_loaded`` namespaces are held in RAM: loading one more evicts the least recently used one that no
+request is using (snapshotted first if it has unsnapshotted operations); it comes back from its snapshot and the
+log on its next use. Every loaded namespace shares one frozen copy of M0.
 
 A store is tied to one checkpoint by a fingerprint string (e.g. sha256 of the weights + config), kept in the
 ``meta`` table with the schema version; opening with another fingerprint or schema raises `StoreError`.
@@ -34,285 +44,47 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import os
-import re
-import secrets
 import sqlite3
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from larimar.facts import check_text
 from larimar.memory import EpisodicMemory, ItemMemory
+from larimar.serving.keys import ApiKeys
+from larimar.serving.snapshots import Snapshots
+from larimar.serving.storage import (
+    DB_NAME,
+    ID_RE,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Fact,
+    LiveNamespace,
+    LogEntry,
+    RWLock,
+    StoreError,
+    acquire_owner_lock,
+    blob_to_tensor,
+    check_namespace,
+    default_store_path,
+    release_owner_lock,
+    tensor_to_blob,
+)
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-DB_NAME = "store.sqlite3"
-NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-RIGHTS = ("read", "write")
-ALL_NAMESPACES = "*"
-TOKEN_PREFIX = "lmk"
-MAX_TEXT_CHARS = 100_000
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS namespaces (name TEXT PRIMARY KEY, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS log (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    namespace TEXT NOT NULL REFERENCES namespaces(name),
-    id TEXT NOT NULL,
-    op TEXT NOT NULL CHECK (op IN ('write', 'forget')),
-    text TEXT,
-    latent BLOB,
-    latent_shape TEXT,
-    key BLOB,
-    key_shape TEXT,
-    timestamp REAL NOT NULL,
-    provenance TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS log_ns_seq ON log (namespace, seq);
-CREATE TABLE IF NOT EXISTS facts (
-    namespace TEXT NOT NULL REFERENCES namespaces(name),
-    id TEXT NOT NULL,
-    seq INTEGER NOT NULL REFERENCES log(seq),
-    PRIMARY KEY (namespace, id)
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    namespace TEXT NOT NULL,
-    rights TEXT NOT NULL CHECK (rights IN ('read', 'write')),
-    salt BLOB NOT NULL,
-    hash BLOB NOT NULL,
-    created REAL NOT NULL,
-    revoked REAL
-);
-"""
-
-
-class StoreError(RuntimeError):
-    """The store cannot be used as asked (other checkpoint fingerprint, other schema, no memory module)."""
-
-
-@dataclass(frozen=True)
-class Fact:
-    """A live item of a namespace: its id, sentence, log position, time and provenance."""
-
-    id: str
-    text: str
-    seq: int
-    timestamp: float
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LogEntry:
-    """One row of a namespace's edit log. ``latent`` (C,) and ``key`` (K,) are float64, None for forgets."""
-
-    seq: int
-    namespace: str
-    id: str
-    op: str
-    text: str | None
-    latent: Tensor | None
-    key: Tensor | None
-    timestamp: float
-    provenance: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """An API key's public record (the token itself is never stored)."""
-
-    key_id: str
-    name: str
-    namespace: str
-    rights: str
-    created: float
-    revoked: float | None
-
-    def allows(self, namespace: str | None, need: str) -> bool:
-        """True if this key grants `need` ("read" | "write") on `namespace` (None: any namespace, e.g. no memory)."""
-        if self.revoked is not None:
-            return False
-        if need == "write" and self.rights != "write":
-            return False
-        return namespace is None or self.namespace in (ALL_NAMESPACES, namespace)
-
-
-class RWLock:
-    """A readers-writer lock: readers in parallel, one writer alone; waiting writers block new readers."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._waiting_writers = 0
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting_writers += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting_writers -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-@dataclass
-class _Live:
-    """The in-RAM state of one namespace: its memory, the live facts' texts (write order), last applied seq."""
-
-    memory: ItemMemory
-    texts: dict[str, str]
-    applied_seq: int
-    snapshot_seq: int
-
-
-def default_store_path() -> Path:
-    """The default store folder: ``platformdirs.user_data_dir("larimar")``."""
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("larimar"))
-
-
-def check_namespace(namespace: object) -> str:
-    """Returns `namespace` if it is a valid name (1-64 chars of [A-Za-z0-9_.-], starting alphanumeric)."""
-    if not isinstance(namespace, str) or not NAMESPACE_RE.match(namespace):
-        raise ValueError(
-            f"namespace must be 1-64 characters of letters, digits, '_', '.', '-' starting with a letter or digit, "
-            f"got {namespace!r}"
-        )
-    return namespace
-
-
-def check_text(text: object, max_chars: int = MAX_TEXT_CHARS) -> str:
-    """Returns `text` if it is a non-blank UTF-8-encodable string without NUL of at most `max_chars`."""
-    if not isinstance(text, str):
-        raise ValueError(f"fact text must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError("fact text must not be empty")
-    if len(text) > max_chars:
-        raise ValueError(f"fact text must be at most {max_chars} characters, got {len(text)}")
-    if "\x00" in text:
-        raise ValueError("fact text must not contain NUL characters")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"fact text must be valid Unicode (no lone surrogates): {err}") from None
-    return text
-
-
-def _tensor_to_blob(t: Tensor) -> tuple[bytes, str]:
-    """float64 little-endian bytes and the JSON shape of a tensor (never pickle)."""
-    t64 = t.detach().to("cpu", torch.float64).contiguous()
-    return t64.numpy().astype("<f8", copy=False).tobytes(), json.dumps(list(t64.shape))
-
-
-def _blob_to_tensor(blob: bytes | None, shape: str | None) -> Tensor | None:
-    if blob is None:
-        return None
-    dims = tuple(json.loads(shape)) if shape else (len(blob) // 8,)
-    t = torch.frombuffer(bytearray(blob), dtype=torch.float64)
-    return t.reshape(dims)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform (e.g. Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Writes a file atomically: `write(tmp_path)`, fsync, os.replace, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _acquire_owner_lock(path: Path) -> int | None:
-    """An exclusive advisory lock (flock) on `path`, released by the OS if the process dies.
-
-    Raises:
-        StoreError: another open store (this or another process) owns the memories.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no owner lock
-        return None
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise StoreError(
-            f"store {path.parent} is already open with a memory module (by another process or another MemoryStore "
-            f"in this one); one owner at a time, or open it with memory=None for keys and logs"
-        ) from None
-    return fd
-
-
-def _release_owner_lock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)  # closing the descriptor drops the flock
-
-
-def _hash_secret(salt: bytes, secret: str) -> bytes:
-    # The secret is 32 random bytes (256 bits), so a salted SHA-256 is enough (no password stretching needed)
-    # and keeps a key check at microseconds per request.
-    return hashlib.sha256(salt + secret.encode("utf-8")).digest()
-
-
-class MemoryStore:
+class MemoryStore(ApiKeys, Snapshots):
     """Persistent namespaced episodic memories and API keys, in one store folder.
 
     Args:
@@ -321,7 +93,9 @@ class MemoryStore:
         memory: the memory module (its config and frozen prior M0) the namespaces' `ItemMemory` use; None opens
             the store for log reading and key management only.
         snapshot_every: write a namespace snapshot after this many logged operations (0: only on `snapshot` /
-            `close`).
+            `close` / eviction).
+        max_loaded: namespaces held in RAM at most (the least recently used idle one is evicted beyond it);
+            None: no bound.
 
     Raises:
         StoreError: the store was made with another fingerprint or schema version.
@@ -335,7 +109,11 @@ class MemoryStore:
         fingerprint: str,
         memory: EpisodicMemory | None = None,
         snapshot_every: int = 64,
+        max_loaded: int | None = 64,
     ) -> None:
+        if max_loaded is not None and (isinstance(max_loaded, bool) or not isinstance(max_loaded, int)
+                                       or max_loaded < 1):
+            raise ValueError(f"max_loaded must be a positive int or None, got {max_loaded!r}")
         if not isinstance(fingerprint, str) or not fingerprint:
             raise ValueError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
         if snapshot_every < 0:
@@ -349,15 +127,19 @@ class MemoryStore:
         self._db_lock = threading.RLock()
         self._locks_lock = threading.Lock()
         self._ns_locks: dict[str, RWLock] = {}
-        self._live: dict[str, _Live] = {}
+        self._live: OrderedDict[str, LiveNamespace] = OrderedDict()  # least recently used first
+        self._live_lock = threading.Lock()  # guards _live's order and membership across namespaces
+        self.max_loaded = max_loaded
+        self._m_ref: Tensor | None = None  # the frozen prior every loaded namespace shares
+        self._prior: str | None = None  # its digest, in snapshot manifests
         self._closed = False
         self._owner_fd: int | None = None
         if memory is not None:  # one process owns the in-RAM memories; a second owner would silently diverge
-            self._owner_fd = _acquire_owner_lock(self.path / "store.lock")
+            self._owner_fd = acquire_owner_lock(self.path / "store.lock")
         try:
             self._conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
         except BaseException:
-            _release_owner_lock(self._owner_fd)
+            release_owner_lock(self._owner_fd)
             raise
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -366,7 +148,7 @@ class MemoryStore:
             self._init_meta()
         except BaseException:
             self._conn.close()
-            _release_owner_lock(self._owner_fd)
+            release_owner_lock(self._owner_fd)
             raise
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -395,7 +177,7 @@ class MemoryStore:
                 return
             if have - {"sqlite_sequence"}:
                 raise StoreError(f"{self.db_path} is an SQLite database but not a larimar store (no meta table)")
-            for stmt in _SCHEMA.split(";"):
+            for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     self._conn.execute(stmt)
             rows = {"schema_version": str(SCHEMA_VERSION), "fingerprint": self.fingerprint, "created": str(time.time())}
@@ -460,7 +242,7 @@ class MemoryStore:
         """
         if self._closed:
             return
-        for ns in list(self._live) if snapshot else []:
+        for ns in self.loaded() if snapshot else []:
             with self._lock(ns).write():
                 live = self._live.get(ns)
                 if live is not None and live.applied_seq > live.snapshot_seq:
@@ -471,7 +253,7 @@ class MemoryStore:
         with self._db_lock:
             self._conn.close()
             self._closed = True
-        _release_owner_lock(self._owner_fd)
+        release_owner_lock(self._owner_fd)
         self._owner_fd = None
 
     def __enter__(self) -> MemoryStore:
@@ -508,8 +290,8 @@ class MemoryStore:
         )
         return [
             LogEntry(
-                seq=r[0], namespace=r[1], id=r[2], op=r[3], text=r[4], latent=_blob_to_tensor(r[5], r[6]),
-                key=_blob_to_tensor(r[7], r[8]), timestamp=r[9], provenance=json.loads(r[10]),
+                seq=r[0], namespace=r[1], id=r[2], op=r[3], text=r[4], latent=blob_to_tensor(r[5], r[6]),
+                key=blob_to_tensor(r[7], r[8]), timestamp=r[9], provenance=json.loads(r[10]),
             )
             for r in rows
         ]
@@ -533,6 +315,21 @@ class MemoryStore:
         check_namespace(namespace)
         return int(self._query("SELECT COUNT(*) FROM facts WHERE namespace = ?", (namespace,))[0][0])
 
+    def taken_ids(self, namespace: str, ids: Sequence[str]) -> list[str]:
+        """The ids among ``ids`` that are live in `namespace` (a cheap check before encoding; `write` checks again
+        under the namespace lock)."""
+        check_namespace(namespace)
+        ids = list(dict.fromkeys(ids))
+        taken: set[str] = set()
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            rows = self._query(
+                f"SELECT id FROM facts WHERE namespace = ? AND id IN ({', '.join('?' * len(part))})",
+                (namespace, *part),
+            )
+            taken.update(r[0] for r in rows)
+        return [i for i in ids if i in taken]
+
     def _max_seq(self, namespace: str) -> int:
         return int(self._query("SELECT COALESCE(MAX(seq), 0) FROM log WHERE namespace = ?", (namespace,))[0][0])
 
@@ -541,7 +338,8 @@ class MemoryStore:
         """The live memory of `namespace` (loaded on first use; an empty memory for a new namespace).
 
         Mutating it directly bypasses the log; use `write` / `forget`. For a consistent read while other threads
-        write, use `reading`.
+        write, use `reading`. Beyond ``max_loaded`` namespaces the object returned may be evicted later (a later
+        call returns a reloaded one): do not keep it.
         """
         check_namespace(namespace)
         self._need_memory()
@@ -557,25 +355,77 @@ class MemoryStore:
         check_namespace(namespace)
         self._need_memory()
         lock = self._lock(namespace)
-        while True:
-            with lock.read():
+        with lock.read():
+            with self._live_lock:
                 live = self._live.get(namespace)
                 if live is not None:
-                    yield live.memory, live.texts
-                    return
-            with lock.write():  # load once, then read under the shared lock
-                self._load_locked(namespace)
+                    self._live.move_to_end(namespace)
+            if live is not None:
+                yield live.memory, live.texts
+                return
+        with lock.write():  # load it; this first read holds the lock alone (it could be evicted again else)
+            live = self._load_locked(namespace)
+            yield live.memory, live.texts
 
-    def _load_locked(self, namespace: str) -> _Live:
-        live = self._live.get(namespace)
-        if live is not None:
-            return live
+    def _load_locked(self, namespace: str) -> LiveNamespace:
+        """The namespace's live state, loaded if needed (the caller holds its write lock)."""
+        with self._live_lock:
+            live = self._live.get(namespace)
+            if live is not None:
+                self._live.move_to_end(namespace)
+                return live
         live = self._load_snapshot(namespace)
         if live is None:
             im = self.rebuild(namespace)
-            live = _Live(im, self._texts_of(namespace, im.ids), self._max_seq(namespace), 0)
-        self._live[namespace] = live
+            live = LiveNamespace(im, self._texts_of(namespace, im.ids), self._max_seq(namespace), 0)
+        with self._live_lock:
+            self._live[namespace] = live
+        self._evict(keep=namespace)
         return live
+
+    def loaded(self) -> list[str]:
+        """The namespaces held in RAM, least recently used first."""
+        with self._live_lock:
+            return list(self._live)
+
+    def _evict(self, keep: str) -> None:
+        """Evicts least recently used namespaces beyond ``max_loaded``; one in use (its lock held) is skipped,
+        never waited for, so this cannot deadlock with a caller holding another namespace's lock."""
+        if self.max_loaded is None:
+            return
+        with self._live_lock:
+            over = len(self._live) - self.max_loaded
+            candidates = [ns for ns in self._live if ns != keep]
+        for ns in candidates:
+            if over <= 0:
+                return
+            lock = self._lock(ns)
+            if not lock.try_acquire_write():
+                continue
+            try:
+                live = self._live.get(ns)
+                if live is None:
+                    continue
+                if live.applied_seq > live.snapshot_seq:
+                    try:
+                        self._snapshot_locked(ns, live)
+                    except OSError as err:  # the log has everything: it reloads from the older snapshot + log
+                        logger.warning("namespace %r: snapshot before eviction failed (%s)", ns, err)
+                with self._live_lock:
+                    self._live.pop(ns, None)
+                over -= 1
+            finally:
+                lock.release_write()
+
+    def _new_memory(self) -> ItemMemory:
+        """An empty memory whose frozen prior copy is the one every loaded namespace shares (never mutated)."""
+        im = ItemMemory(self._need_memory())
+        ref = self._m_ref
+        if ref is not None and ref.device == im.M_ref.device and torch.equal(ref, im.M_ref):
+            im.M_ref = ref
+        else:
+            self._m_ref = im.M_ref
+        return im
 
     def _texts_of(self, namespace: str, ids: list[str]) -> dict[str, str]:
         facts = {f.id: f.text for f in self._facts_db(namespace)}
@@ -598,7 +448,7 @@ class MemoryStore:
             StoreError: the logged keys do not match this memory module's prior (another checkpoint).
         """
         check_namespace(namespace)
-        im = ItemMemory(self._need_memory())
+        im = self._new_memory()
         live: dict[str, LogEntry] = {}
         for e in self.log(namespace):
             if e.op == "write":
@@ -621,83 +471,6 @@ class MemoryStore:
         im.write(Z, ids=[e.id for e in entries])
         return im
 
-    def _snapshot_dir(self, namespace: str) -> Path:
-        return self.path / "snapshots" / namespace
-
-    def snapshot(self, namespace: str) -> Path:
-        """Writes a snapshot of the namespace's memory now (atomically); returns its file."""
-        check_namespace(namespace)
-        self._need_memory()
-        with self._lock(namespace).write():
-            return self._snapshot_locked(namespace, self._load_locked(namespace))
-
-    def _snapshot_locked(self, namespace: str, live: _Live) -> Path:
-        folder = self._snapshot_dir(namespace)
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "namespace": namespace,
-            "last_seq": live.applied_seq,
-            "ids": live.memory.ids,
-            "fingerprint": self.fingerprint,
-            "schema_version": SCHEMA_VERSION,
-            "file": f"snap-{live.applied_seq:012d}.safetensors",
-            "created": time.time(),
-        }
-        blob = json.dumps(manifest)
-        snap = folder / manifest["file"]
-        tensors = {k: v.detach().to("cpu", torch.float64).contiguous() for k, v in live.memory.state_tensors().items()}
-        _atomic_write(snap, lambda p: save_file(tensors, str(p), metadata={"manifest": blob}))
-        _atomic_write(folder / "manifest.json", lambda p: Path(p).write_text(blob, encoding="utf-8"))
-        for old in folder.glob("snap-*.safetensors"):
-            if old.name != snap.name:
-                old.unlink(missing_ok=True)
-        live.snapshot_seq = live.applied_seq
-        return snap
-
-    def _load_snapshot(self, namespace: str) -> _Live | None:
-        """The newest snapshot plus the log rows after it, or None if it is missing or does not fit the log."""
-        folder = self._snapshot_dir(namespace)
-        for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:  # left by a process killed mid-snapshot
-            tmp.unlink(missing_ok=True)
-        manifest_path = folder / "manifest.json"
-        if not manifest_path.exists():
-            return None
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            if manifest.get("fingerprint") != self.fingerprint or manifest.get("namespace") != namespace:
-                raise ValueError("snapshot of another checkpoint or namespace")
-            if manifest.get("schema_version") != SCHEMA_VERSION:
-                raise ValueError(f"snapshot schema {manifest.get('schema_version')}")
-            snap = folder / str(manifest["file"])
-            with safe_open(str(snap), framework="pt") as f:
-                if json.loads((f.metadata() or {}).get("manifest", "null")) != manifest:
-                    raise ValueError("snapshot file and manifest disagree")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            last_seq, ids = int(manifest["last_seq"]), [str(i) for i in manifest["ids"]]
-            # the log's live ids at last_seq must be the snapshot's ids, in order
-            order: dict[str, None] = {}
-            for item_id, op in self._query(
-                "SELECT id, op FROM log WHERE namespace = ? AND seq <= ? ORDER BY seq", (namespace, last_seq)
-            ):
-                if op == "write":
-                    order[item_id] = None
-                else:
-                    order.pop(item_id, None)
-            if list(order) != ids or last_seq > self._max_seq(namespace):
-                raise ValueError(f"snapshot at seq {last_seq} does not match the log")
-            im = ItemMemory.from_state_tensors(self._need_memory(), tensors, ids)
-            applied = last_seq
-            for e in self.log(namespace, after_seq=last_seq):
-                self._apply(im, [e])
-                applied = e.seq
-            live = _Live(im, self._texts_of(namespace, im.ids), applied, last_seq)
-        except Exception as err:  # any damage (incl. SafetensorError): the log is the truth
-            logger.warning(
-                "namespace %r: ignoring snapshot in %s (%s); rebuilding from the log", namespace, folder, err
-            )
-            return None
-        return live
-
     @staticmethod
     def _apply(im: ItemMemory, entries: Sequence[LogEntry]) -> None:
         """Applies consecutive log rows of one operation (all writes or all forgets) to a memory."""
@@ -709,7 +482,7 @@ class MemoryStore:
         else:
             im.forget([e.id for e in entries])
 
-    def _after_commit(self, namespace: str, live: _Live, entries: list[LogEntry]) -> None:
+    def _after_commit(self, namespace: str, live: LiveNamespace, entries: list[LogEntry]) -> None:
         """Applies committed rows to RAM; on failure the namespace is rebuilt from the log (the truth)."""
         try:
             self._apply(live.memory, entries)
@@ -721,7 +494,8 @@ class MemoryStore:
             live.applied_seq = entries[-1].seq
         except Exception:
             logger.exception("namespace %r: in-RAM update failed after commit; rebuilding from the log", namespace)
-            del self._live[namespace]
+            with self._live_lock:
+                self._live.pop(namespace, None)
             self._load_locked(namespace)
             return
         if self.snapshot_every and live.applied_seq - live.snapshot_seq >= self.snapshot_every:
@@ -759,7 +533,7 @@ class MemoryStore:
         C = mem.config.code_size
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}")
-        texts = [check_text(t) for t in texts]
+        texts = [check_text(t, "a fact") for t in texts]
         n = len(texts)
         if n == 0:
             raise ValueError("nothing to write: texts is empty")
@@ -774,7 +548,7 @@ class MemoryStore:
         if len(ids) != n:
             raise ValueError(f"got {len(ids)} ids for {n} texts")
         for i in ids:
-            if not isinstance(i, str) or not ID_RE.match(i):
+            if not isinstance(i, str) or not ID_RE.fullmatch(i):
                 raise ValueError(
                     f"ids must be 1-128 characters of letters, digits, '_', '.', ':', '-' starting with a letter "
                     f"or digit, got {i!r}"
@@ -806,8 +580,8 @@ class MemoryStore:
             with self._tx() as db:
                 db.execute("INSERT OR IGNORE INTO namespaces (name, created) VALUES (?, ?)", (namespace, now))
                 for k in range(n):
-                    z_blob, z_shape = _tensor_to_blob(Z[k])
-                    w_blob, w_shape = _tensor_to_blob(W[k])
+                    z_blob, z_shape = tensor_to_blob(Z[k])
+                    w_blob, w_shape = tensor_to_blob(W[k])
                     cur = db.execute(
                         "INSERT INTO log (namespace, id, op, text, latent, latent_shape, key, key_shape, timestamp, "
                         "provenance) VALUES (?, ?, 'write', ?, ?, ?, ?, ?, ?, ?)",
@@ -861,77 +635,3 @@ class MemoryStore:
                         LogEntry(int(cur.lastrowid or 0), namespace, i, "forget", None, None, None, now, {})
                     )
             self._after_commit(namespace, live, entries)
-
-    # -- API keys ------------------------------------------------------------------------------------------
-    def add_key(self, name: str, namespace: str, rights: str) -> str:
-        """Creates an API key and returns its token (shown once; only a salted hash is stored).
-
-        Args:
-            name: a unique label (1-64 chars of [A-Za-z0-9_.@-]).
-            namespace: the namespace it grants, or "*" for all.
-            rights: "read" or "write" (write includes read).
-
-        Raises:
-            ValueError: bad name / namespace / rights, or the name is taken.
-        """
-        if not isinstance(name, str) or not KEY_NAME_RE.match(name):
-            raise ValueError(f"key name must be 1-64 characters of letters, digits, '_', '.', '@', '-', got {name!r}")
-        if namespace != ALL_NAMESPACES:
-            check_namespace(namespace)
-        if rights not in RIGHTS:
-            raise ValueError(f"rights must be one of {RIGHTS}, got {rights!r}")
-        key_id = secrets.token_hex(8)
-        secret = secrets.token_urlsafe(32)
-        salt = secrets.token_bytes(16)
-        with self._tx() as db:
-            if db.execute("SELECT 1 FROM api_keys WHERE name = ?", (name,)).fetchone():
-                raise ValueError(f"an API key named {name!r} already exists (revoked keys keep their name)")
-            db.execute(
-                "INSERT INTO api_keys (key_id, name, namespace, rights, salt, hash, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key_id, name, namespace, rights, salt, _hash_secret(salt, secret), time.time()),
-            )
-        return f"{TOKEN_PREFIX}_{key_id}_{secret}"
-
-    def lookup_key(self, token: str) -> ApiKey | None:
-        """The key record a token belongs to, or None for an unknown, malformed or revoked token."""
-        if not isinstance(token, str):
-            return None
-        parts = token.split("_", 2)
-        if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not re.fullmatch(r"[0-9a-f]{16}", parts[1]):
-            return None
-        rows = self._query(
-            "SELECT key_id, name, namespace, rights, created, revoked, salt, hash FROM api_keys WHERE key_id = ?",
-            (parts[1],),
-        )
-        if not rows:
-            return None
-        r = rows[0]
-        if not hmac.compare_digest(_hash_secret(r[6], parts[2]), r[7]) or r[5] is not None:
-            return None
-        return ApiKey(key_id=r[0], name=r[1], namespace=r[2], rights=r[3], created=r[4], revoked=r[5])
-
-    def check_key(self, token: str, namespace: str | None, need: str) -> bool:
-        """True if the token is a valid, unrevoked key granting `need` ("read" | "write") on `namespace`."""
-        if need not in RIGHTS:
-            raise ValueError(f"need must be one of {RIGHTS}, got {need!r}")
-        key = self.lookup_key(token)
-        return key is not None and key.allows(namespace, need)
-
-    def list_keys(self) -> list[ApiKey]:
-        """All keys (revoked ones too), oldest first; never the tokens."""
-        rows = self._query("SELECT key_id, name, namespace, rights, created, revoked FROM api_keys ORDER BY created")
-        return [ApiKey(*r) for r in rows]
-
-    def revoke_key(self, name: str) -> None:
-        """Revokes the key named `name`.
-
-        Raises:
-            KeyError: no such (unrevoked) key.
-        """
-        with self._tx() as db:
-            n = db.execute(
-                "UPDATE api_keys SET revoked = ? WHERE name = ? AND revoked IS NULL", (time.time(), name)
-            ).rowcount
-            if n != 1:
-                raise KeyError(f"no active API key named {name!r}")

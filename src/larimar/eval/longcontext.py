@@ -3,7 +3,7 @@
 Benchmark (`build_document`). Facts the base model cannot know: CounterFact requests written as sentences
 ``prompt(subject) + " " + target_new + "."`` (counterfactual objects), inserted at seeded random positions of a stream
 of Wikipedia sentences (``enwiki_2018_validation.jsonl``, ``filler_per_fact`` filler sentences per fact, facts in a
-seeded random order). The question for a fact is ``prompt(subject)``; an answer is right when the mean NLL of
+seeded random order). The question for a fact is its paraphrase (below); an answer is right when the mean NLL of
 " target_new" after it is below that of " target_true" (ES-style).
 
 Larimar (`write_document`, `read_document`). The document is split into sentences, each sentence one item: the
@@ -26,38 +26,41 @@ Plain baseline (`plain_window_nll`): the decoder with z = 0 given the document's
 question; ``fact_in_window`` says whether the fact's sentence is inside that context. ``recall_none`` is the
 question alone (no context, no memory).
 
-Command line::
+Retrieval baseline (`rag_prompts`, ``recall_rag``): the same scope index over the document's sentences finds the
+nearest sentence; in scope (cosine >= the Larimar editor's threshold) it is put before the question
+(sentence + "\\n" + question) for the plain decoder (z = 0, no window), else the question goes alone.
 
-    larimar eval longcontext --n-facts 64,128,256,512 --out runs/longcontext    # window: the decoder's own
+Questions (`paraphrase_question`): each fact is asked with its CounterFact paraphrase, distractor sentence removed,
+so the question is not the written sentence's beginning (on which the refined latent was optimised). The
+written-prefix numbers (``prompt(subject)``) are kept as the labelled extra ``prefix_*``. Every recall is also
+reported over the facts inside / outside the plain decoder's window (``*_in_window`` / ``*_out_window``).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from larimar.data import EditRequest
-from larimar.memory import READ_MODES, ItemMemory
-from larimar.scope import ScopeDetector, split_sentences
+from larimar.editor.read import check_read_mode, read_at
+from larimar.eval.metrics import es_success
+from larimar.facts import EditRequest, split_sentences
+from larimar.memory import ItemMemory
+from larimar.scope import ScopeDetector
 
 logger = logging.getLogger(__name__)
 
 HIERARCHIES = ("scope", "recursive")
+
+
 SEPARATOR = "\n"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The document
 
 
 @dataclass
@@ -133,10 +136,6 @@ def build_document(facts: Sequence[EditRequest], fillers: Sequence[str], seed: i
 def chunk_document(text: str) -> list[str]:
     """The document's chunks: its sentences."""
     return split_sentences(text)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Larimar: chunk memories
 
 
 @dataclass
@@ -215,22 +214,18 @@ def read_document(lm: Any, hm: HierarchicalMemory, questions: Sequence[str], hie
     """
     if hierarchy not in HIERARCHIES:
         raise ValueError(f"hierarchy must be one of {HIERARCHIES}, got {hierarchy!r}")
-    if read_mode not in READ_MODES:
-        raise ValueError(f"read_mode must be one of {READ_MODES}, got {read_mode!r}")
+    check_read_mode(read_mode)
     questions = list(questions)
     _, nearest_ids = hm.scope.score(questions)
     nearest = [int(str(i)[1:]) for i in nearest_ids]  # chunk indices
-    if read_mode == "nearest":
-        return hm.latents[nearest].clone(), nearest
-    zq = lm.model.encode_texts(questions).float().cpu()  # (Q, C)
-    if hierarchy == "scope":
-        z = torch.zeros_like(zq)  # (Q, C)
+    zq = None if read_mode == "nearest" else lm.model.encode_texts(questions).float().cpu()  # (Q, C)
+    if hierarchy == "scope" or read_mode == "nearest":
+        z = torch.zeros(len(questions), hm.latents.shape[1])  # (Q, C)
         for g, m in enumerate(hm.memories):
             rows = [q for q, c in enumerate(nearest) if hm.group_of[c] == g]
-            if rows and read_mode == "keyed":
-                z[rows] = m.read_keyed([f"c{nearest[q]}" for q in rows], zq[rows]).float().cpu()  # (R, C)
-            elif rows:
-                z[rows] = m.read(zq[rows]).float().cpu()  # (R, C)
+            if rows:  # the chunk memory holding each question's nearest sentence
+                z[rows] = read_at(m, read_mode, [f"c{nearest[q]}" for q in rows],
+                                  None if zq is None else zq[rows]).float().cpu()  # (R, C)
         return z, nearest
     reads = torch.stack([m.read(zq).float().cpu() for m in hm.memories], 1)  # (Q, G, C)
     mem = lm.model.memory
@@ -239,11 +234,6 @@ def read_document(lm: Any, hm: HierarchicalMemory, questions: Sequence[str], hie
     return z[:, 0].float().cpu(), nearest
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The plain decoder with a window
-
-
-@torch.inference_mode()
 @torch.inference_mode()
 def plain_window_nll(model: Any, doc_ids: Sequence[int], prompts: Sequence[str], continuations: Sequence[str],
                      window: int, batch_size: int = 16) -> tuple[Tensor, list[int]]:
@@ -294,10 +284,6 @@ def plain_window_nll(model: Any, doc_ids: Sequence[int], prompts: Sequence[str],
     return torch.stack(out), [len(doc_ids) - len(ctx)] * len(qa)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The evaluation
-
-
 def decoder_window(model: Any) -> int:
     """The decoder's context window in tokens (its config's max_position_embeddings or n_positions)."""
     cfg = model.decoder.model.config
@@ -316,8 +302,31 @@ def _wins(model: Any, prompts: list[str], new: list[str], true: list[str], laten
         conts = [" " + t.strip() for t in new[lo : lo + batch_size] + true[lo : lo + batch_size]]
         lat = None if latent is None else torch.cat([latent[lo : lo + n]] * 2).to(model.device)  # (2n, C)
         nll = model.continuation_nll(ps + ps, conts, lat).float().cpu()  # (2n,)
-        out += [bool(nll[i] < nll[n + i]) for i in range(n)]
+        out += [es_success(float(nll[i]), float(nll[n + i])) for i in range(n)]
     return out
+
+
+def paraphrase_question(req: EditRequest) -> str | None:
+    """The question that is not the fact's written sentence: the record's first CounterFact paraphrase with its
+    distractor sentence removed (CounterFact paraphrases read "Distractor sentence. Real question"; the last
+    sentence by `split_sentences` is kept). None when the record has no paraphrase."""
+    for p in req.paraphrase_prompts:
+        q = split_sentences(p)[-1].strip()
+        if q:
+            return q
+    return None
+
+
+def rag_prompts(lm: Any, hm: HierarchicalMemory, questions: Sequence[str]) -> tuple[list[str], list[bool]]:
+    """Retrieval into the prompt over the document's sentences (the `RagEditor` rule with the document's scope
+    index): in scope (nearest-sentence cosine >= ``lm.scope_threshold``, or always without ``lm.use_scope``), the
+    nearest sentence + SEPARATOR + question; else the question alone. Returns the prompts and the scope decisions."""
+    sims, nearest = hm.scope.score(list(questions))
+    use_scope = bool(getattr(lm, "use_scope", True))
+    scope = [bool(x >= lm.scope_threshold) if use_scope else True for x in sims.tolist()]
+    prompts = [hm.chunks[int(str(n)[1:])] + SEPARATOR + q if ok and n is not None else q
+               for q, ok, n in zip(questions, scope, nearest)]
+    return prompts, scope
 
 
 @torch.inference_mode()
@@ -336,10 +345,18 @@ def evaluate_longcontext(
     plain_batch_size: int = 16,
     plain_sample: int = 0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One document of ``n_facts`` facts: Larimar's recall against the plain decoder's with a window.
+    """One document of ``n_facts`` facts: recall by Larimar (memory), rag (the nearest sentence in the prompt), the
+    plain decoder with a window, and no context, on questions that are not the written sentences.
+
+    Questions. Each fact is asked with `paraphrase_question` (its CounterFact paraphrase, distractor removed; the
+    rewrite prompt when the record has none, counted in ``n_prefix_questions``). The written-prefix question (the
+    sentence's beginning, on which refined latents were optimised) is kept as a labelled extra: ``prefix_*`` keys.
+
+    Windows. ``fact_in_window`` says whether the fact's sentence is inside the plain decoder's context; every recall
+    is also reported over the facts inside (``*_in_window``) and outside (``*_out_window``) it.
 
     Args:
-        lm: the `Larimar` editor (model, memory config, scope encoder).
+        lm: the `Larimar` editor (model, memory config, scope encoder and threshold).
         records: CounterFact records with target_true; the first ``n_facts`` are the facts.
         paragraphs: filler paragraphs (e.g. `larimar.data.iter_wikipedia_texts` of the validation file).
         n_facts: facts in the document.
@@ -351,12 +368,13 @@ def evaluate_longcontext(
         seed: the document's layout.
         batch_size: rows per forward when scoring with memory.
         plain_batch_size: rows per forward of the windowed plain decoder, after its shared context.
-        plain_sample: ask the plain decoder only a seeded random sample of this many questions (0: all); each
+        plain_sample: ask the plain decoder only a seeded random sample of this many facts (0: all); each question
             costs a pass over the whole window. ``recall_plain`` is then over the sample, and
-            ``recall_on_plain_sample`` is Larimar's recall on the same questions.
+            ``recall_on_plain_sample`` is Larimar's recall on the same facts.
 
     Returns:
-        (``{n_facts, recall, recall_plain, recall_none, read_ms, ...}``, per-fact rows).
+        (``{n_facts, recall, recall_rag, recall_plain, recall_none, *_in_window, *_out_window, prefix_*, read_ms,
+        ...}``, per-fact rows).
     """
     records = [r for r in records if r.target_true]
     if n_facts < 1 or n_facts > len(records):
@@ -368,152 +386,84 @@ def evaluate_longcontext(
     chunks = list(doc.sentences)  # the document's sentences (what `chunk_document` finds in Wikipedia text)
     hm = write_document(lm, chunks, chunk_items)
     write_s = time.perf_counter() - t0
-    questions = [f.full_prompt for f in doc.facts]
+    prefix = [f.full_prompt for f in doc.facts]  # the written sentence's beginning (the extra)
+    para = [paraphrase_question(f) for f in doc.facts]
+    questions = [q if q is not None else p for q, p in zip(para, prefix)]
     new, true = [f.target_new for f in doc.facts], [f.target_true or "" for f in doc.facts]
+    Q = len(questions)
     t0 = time.perf_counter()
     z, nearest = read_document(lm, hm, questions, hierarchy, read_mode)
-    read_ms = 1000.0 * (time.perf_counter() - t0) / len(questions)
-    ok_mem = _wins(model, questions, new, true, z, batch_size)
-    ok_none = _wins(model, questions, new, true, None, batch_size)
+    read_ms = 1000.0 * (time.perf_counter() - t0) / Q
+    z_p, nearest_p = read_document(lm, hm, prefix, hierarchy, read_mode)
+    ok = {"": _wins(model, questions, new, true, z, batch_size),
+          "prefix_": _wins(model, prefix, new, true, z_p, batch_size)}
+    ok_none = {"": _wins(model, questions, new, true, None, batch_size),
+               "prefix_": _wins(model, prefix, new, true, None, batch_size)}
+    t0 = time.perf_counter()
+    rag_q, rag_scope = rag_prompts(lm, hm, questions)
+    rag_ms = 1000.0 * (time.perf_counter() - t0) / Q
+    rag_p, rag_scope_p = rag_prompts(lm, hm, prefix)
+    ok_rag = {"": _wins(model, rag_q, new, true, None, batch_size),
+              "prefix_": _wins(model, rag_p, new, true, None, batch_size)}
     try:
         enc = model.decoder_tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
         doc_ids, offsets = enc["input_ids"], enc["offset_mapping"]  # offsets: (start, end) characters per token
     except (NotImplementedError, TypeError, KeyError):  # a slow tokenizer: no offsets, no fact_in_window
         doc_ids, offsets = model.decoder_tokenizer(doc.text, add_special_tokens=False)["input_ids"], None
     char_at = [len(" ".join(doc.sentences[:i])) + (1 if i else 0) for i in doc.fact_positions]  # facts' first char
-    Q = len(questions)
     asked = sorted(random.Random(seed).sample(range(Q), plain_sample)) if 0 < plain_sample < Q else list(range(Q))
+    A = len(asked)
     t0 = time.perf_counter()
-    qs = [questions[i] for i in asked]
-    nll, starts = plain_window_nll(model, doc_ids, qs + qs, [" " + x.strip() for x in [new[i] for i in asked]
-                                                               + [true[i] for i in asked]], window, plain_batch_size)
-    plain_ms = 1000.0 * (time.perf_counter() - t0) / len(asked)
-    ok_plain: list[bool | None] = [None] * Q
+    qs = [questions[i] for i in asked] + [prefix[i] for i in asked]  # (2A,): paraphrase, then prefix questions
+    news = [" " + new[i].strip() for i in asked] * 2
+    trues = [" " + true[i].strip() for i in asked] * 2
+    nll, starts = plain_window_nll(model, doc_ids, qs + qs, news + trues, window, plain_batch_size)  # (4A,)
+    plain_ms = 1000.0 * (time.perf_counter() - t0) / (2 * A)
+    ok_plain: dict[str, list[bool | None]] = {"": [None] * Q, "prefix_": [None] * Q}
     for j, i in enumerate(asked):
-        ok_plain[i] = bool(nll[j] < nll[len(asked) + j])
-    ctx_start = [starts[0]] * Q  # every question follows the same context
+        ok_plain[""][i] = bool(nll[j] < nll[2 * A + j])
+        ok_plain["prefix_"][i] = bool(nll[A + j] < nll[3 * A + j])
+    start = starts[0]  # every question follows the same context
     rows = []
     for q, f in enumerate(doc.facts):
         home = doc.fact_positions[q]  # the fact's chunk
-        start = ctx_start[q]
         in_window = None if offsets is None else start < len(doc_ids) and char_at[q] >= offsets[start][0]
-        rows.append({"n_facts": n_facts, "case_id": f.case_id, "question": questions[q], "target_new": f.target_new,
-                     "target_true": f.target_true, "sentence_index": doc.fact_positions[q], "success": ok_mem[q],
-                     "success_plain": ok_plain[q], "success_none": ok_none[q], "fact_in_window": in_window,
-                     "nearest_is_fact": nearest[q] == home,
-                     "right_memory": hm.group_of[nearest[q]] == hm.group_of[home]})
+        row = {"n_facts": n_facts, "case_id": f.case_id, "question": questions[q],
+               "question_kind": "paraphrase" if para[q] is not None else "prefix", "prefix_question": prefix[q],
+               "target_new": f.target_new, "target_true": f.target_true, "sentence_index": home,
+               "fact_in_window": in_window}
+        for tag in ("", "prefix_"):
+            near = nearest if not tag else nearest_p
+            row.update({f"{tag}success": ok[tag][q], f"{tag}success_rag": ok_rag[tag][q],
+                        f"{tag}success_plain": ok_plain[tag][q], f"{tag}success_none": ok_none[tag][q],
+                        f"{tag}rag_in_scope": (rag_scope if not tag else rag_scope_p)[q],
+                        f"{tag}nearest_is_fact": near[q] == home,
+                        f"{tag}right_memory": hm.group_of[near[q]] == hm.group_of[home]})
+        rows.append(row)
 
-    def mean(key: str) -> float | None:
-        vals = [float(r[key]) for r in rows if r[key] is not None]
+    def mean(key: str, where: bool | None = None) -> float | None:
+        vals = [float(r[key]) for r in rows
+                if r[key] is not None and (where is None or r["fact_in_window"] is where)]
         return sum(vals) / len(vals) if vals else None
 
-    summary = {"n_facts": n_facts, "recall": mean("success"), "recall_plain": mean("success_plain"),
-               "n_plain": len(asked), "recall_on_plain_sample": sum(ok_mem[i] for i in asked) / len(asked),
-               "recall_none": mean("success_none"), "read_ms": read_ms, "plain_ms": plain_ms, "write_s": write_s,
-               "n_sentences": len(chunks), "n_doc_tokens": len(doc_ids), "n_memories": len(hm.memories),
-               "chunk_items": chunk_items or model.memory.config.num_slots, "window": window,
-               "facts_in_window": mean("fact_in_window"), "nearest_is_fact": mean("nearest_is_fact"),
-               "right_memory": mean("right_memory")}
+    summary: dict[str, Any] = {
+        "n_facts": n_facts, "question": "paraphrase (distractor removed)",
+        "n_prefix_questions": sum(p is None for p in para), "n_plain": A,
+        "recall_on_plain_sample": sum(ok[""][i] for i in asked) / A,
+        "read_ms": read_ms, "rag_retrieve_ms": rag_ms, "plain_ms": plain_ms, "write_s": write_s,
+        "n_sentences": len(chunks), "n_doc_tokens": len(doc_ids), "n_memories": len(hm.memories),
+        "chunk_items": chunk_items or model.memory.config.num_slots, "window": window,
+        "facts_in_window": mean("fact_in_window"),
+        "n_in_window": sum(r["fact_in_window"] is True for r in rows),
+        "n_out_window": sum(r["fact_in_window"] is False for r in rows),
+    }
+    for tag in ("", "prefix_"):
+        for name, key in (("recall", "success"), ("recall_rag", "success_rag"), ("recall_plain", "success_plain"),
+                          ("recall_none", "success_none")):
+            summary[f"{tag}{name}"] = mean(f"{tag}{key}")
+            summary[f"{tag}{name}_in_window"] = mean(f"{tag}{key}", True)
+            summary[f"{tag}{name}_out_window"] = mean(f"{tag}{key}", False)
+        summary[f"{tag}rag_scope_rate"] = mean(f"{tag}rag_in_scope")
+        summary[f"{tag}nearest_is_fact"] = mean(f"{tag}nearest_is_fact")
+        summary[f"{tag}right_memory"] = mean(f"{tag}right_memory")
     return summary, rows
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _default(*parts: str) -> str | None:
-    p = Path(__file__).resolve().parents[3] / "shared" / "data"
-    p = p.joinpath(*parts)
-    return str(p) if p.is_file() else None
-
-
-def run_longcontext(args: argparse.Namespace) -> dict[str, Any]:
-    """``larimar eval longcontext``."""
-    from larimar.capabilities import (
-        load_editor,
-        load_records,
-        parse_ints,
-        plot_lines,
-        write_cases,
-        write_summary,
-        write_table,
-    )
-    from larimar.data import iter_wikipedia_texts
-
-    if not args.data or not args.wiki:
-        raise ValueError("--data (CounterFact) and --wiki (Wikipedia JSONL) are needed: the shared copies were not "
-                         "found")
-    if not Path(args.wiki).is_file():
-        raise FileNotFoundError(f"no Wikipedia JSONL at {args.wiki}")
-    records = load_records(args.data, "counterfact")
-    lm, meta = load_editor(args)
-    args.window = args.window or decoder_window(lm.model)
-    if args.window < 16:
-        raise ValueError(f"--window must be at least 16 tokens, got {args.window}")
-    results, cases = [], []
-    for n in parse_ints(args.n_facts, "--n-facts"):
-        s, rows = evaluate_longcontext(lm, records, iter_wikipedia_texts(args.wiki), n, args.filler_per_fact,
-                                       args.window, args.chunk_items or None, args.hierarchy, args.read_mode, args.seed or 0,
-                                       args.batch_size, args.plain_batch_size, args.plain_sample)
-        logger.info("longcontext %d facts: %s", n, s)
-        results.append(s)
-        cases += rows
-    d = Path(args.out)
-    d.mkdir(parents=True, exist_ok=True)
-    write_cases(d / "cases.jsonl", cases)
-    summary = {"task": "longcontext", "data": list(args.data), "wiki": args.wiki, "hierarchy": args.hierarchy,
-               "filler_per_fact": args.filler_per_fact, "protocol": "recall = NLL(target_new) < NLL(target_true) "
-               "after the question", "results": results, **meta}
-    write_summary(d, summary)
-    cols = ["n_facts", "recall", "recall_plain", "n_plain", "recall_on_plain_sample", "recall_none",
-            "facts_in_window", "right_memory", "write_s", "read_ms", "plain_ms", "n_sentences", "n_doc_tokens",
-            "n_memories"]
-    write_table(d / "summary.md", "long-context recall",
-                [f"Facts (CounterFact, target_new) in Wikipedia text, {args.filler_per_fact} filler sentences per "
-                 f"fact; Larimar: sentence items ({_refined(args.refine_steps)}) in chunk memories of "
-                 f"{results[0]['chunk_items']} items, hierarchy {args.hierarchy!r}, read mode {args.read_mode!r}; "
-                 f"plain: z = 0 with the last {args.window} tokens before the question."], results, cols)
-    xs = [r["n_facts"] for r in results]
-    plot_lines(d / "longcontext.png", "Long-context recall", "facts in the document", "recall",
-               {"larimar": (xs, [r["recall"] for r in results]),
-                f"plain decoder, {args.window}-token window": (xs, [r["recall_plain"] for r in results]),
-                "no context": (xs, [r["recall_none"] for r in results])}, logx=True)
-    print("\n".join((d / "summary.md").read_text().splitlines()[4:]))
-    return summary
-
-
-def _refined(steps: int) -> str:
-    return f"latents refined in {steps} steps" if steps else "one-shot encoder latents"
-
-
-def add_longcontext_parser(esub: argparse._SubParsersAction) -> None:
-    """Adds ``longcontext`` to a subparsers action (``larimar eval``)."""
-    from larimar.capabilities import add_model_args
-
-    p = esub.add_parser("longcontext", help="long-context recall: facts in a long document, memory vs window")
-    cf = _default("counterfact_rome", "counterfact_rome_929.json")
-    p.add_argument("--data", action="append", default=None, metavar="FILE",
-                   help=f"CounterFact records (default: {cf})")
-    p.add_argument("--wiki", default=_default("wikipedia_en", "enwiki_2018_validation.jsonl"),
-                   help="Wikipedia JSONL of filler text (default: the shared validation file)")
-    p.add_argument("--n-facts", default="64,128,256,512", help="facts per document, comma-separated")
-    p.add_argument("--filler-per-fact", type=int, default=4, help="filler sentences per fact")
-    p.add_argument("--window", type=int, default=None,
-                   help="the plain decoder's window in tokens (default: its max_position_embeddings, 8192 for "
-                        "SmolLM2-135M)")
-    p.add_argument("--chunk-items", type=int, default=16,
-                   help="sentences per chunk memory (default 16: a read mixes every latent of its memory, and "
-                        "rewrite accuracy falls with the number of facts in one memory; 0: K)")
-    p.add_argument("--hierarchy", choices=HIERARCHIES, default="scope")
-    p.add_argument("--plain-sample", type=int, default=0,
-                   help="ask the plain decoder a seeded sample of this many questions per document (0: all)")
-    p.add_argument("--plain-batch-size", type=int, default=4,
-                   help="rows per forward after the shared context (each holds a copy of its KV cache)")
-    add_model_args(p)
-    p.set_defaults(func=lambda a: (run_longcontext(_with_default_data(a, cf)), 0)[1])
-
-
-def _with_default_data(args: argparse.Namespace, default: str | None) -> argparse.Namespace:
-    if not args.data and default:
-        args.data = [default]
-    return args

@@ -1,0 +1,204 @@
+"""Write-time latent refinement: a few gradient steps on each written fact's latent, never on a weight.
+
+The encoder's latent z (C,) of a fact is moved by Adam so that the decoder, reading z as the memory will return it,
+gives the fact's answer a lower NLL (docs/method.md, "Write-time latent refinement"). ``Refinement(steps=0)`` is
+the paper's one-shot write.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from larimar.facts import EditRequest
+from larimar.solvers import one_fact_read
+from larimar.model import LarimarModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """Write-time latent refinement: what the encoder gives is improved by a few gradient steps on the latent.
+
+    Each fact's latent z (C,) starts at the encoder's output and takes at most ``steps`` Adam steps (learning rate
+    ``lr``) that lower the decoder's NLL of the fact as it will be read (`refinement_targets`): for an edit
+    request, the answer after its prompt; for a plain sentence, the rest of the sentence after each of up to
+    ``sentence_splits`` of its beginnings (so every word of a multi-word answer is carried, and the sentence's end
+    too). Each target decodes from the one-fact read of z at the target prompt's query latent (what the keyed
+    read returns). Only the latents move: no weight of the encoder, the memory or the decoder changes, and the
+    refined latent is written, read and forgotten like any other. ``steps = 0`` writes the encoder's latent (the
+    paper's one-shot write).
+
+    Attributes:
+        steps: the most Adam steps per fact (0: off).
+        lr: Adam learning rate.
+        batch_size: the most facts refined together (they do not interact: the loss is a sum over facts).
+        max_tokens: the most decoder tokens in one batch, padding included (facts are batched by length, so long
+            sentences, e.g. a document's, come in smaller batches; memory grows with this number).
+        sentence_splits: beginnings of a plain sentence it is refined after (1: only "all but the last word").
+        stop_nll: a fact stops early once the mean NLL per token of its targets is below this (None: never; the
+            answer is then the decoder's argmax with a margin).
+    """
+
+    steps: int = 5
+    lr: float = 0.1
+    batch_size: int = 64
+    max_tokens: int = 2048
+    sentence_splits: int = 1
+    stop_nll: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"refinement steps must be an integer >= 0, got {self.steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"refinement learning rate must be > 0, got {self.lr!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"refinement batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"refinement max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.sentence_splits, int) or self.sentence_splits < 1:
+            raise ValueError(f"refinement sentence_splits must be an integer >= 1, got {self.sentence_splits!r}")
+        if self.stop_nll is not None and not self.stop_nll > 0:
+            raise ValueError(f"refinement stop_nll must be > 0 or None, got {self.stop_nll!r}")
+
+
+def refinement_target(sentence: str, request: EditRequest | None) -> tuple[str, str]:
+    """(prompt, continuation) a fact's latent is refined on: a request's prompt and " " + its answer; for a plain
+    sentence, all but its last word and " " + that word (a sentence fact is asked with its beginning), or
+    ("", the sentence) for a sentence of one word (then read at its own latent)."""
+    if request is not None:
+        return request.full_prompt, " " + request.target_new.strip()
+    head, _, last = sentence.strip().rpartition(" ")
+    return (head.rstrip(), " " + last) if head.strip() else ("", sentence)
+
+
+def refinement_targets(sentence: str, request: EditRequest | None, splits: int = 1) -> list[tuple[str, str]]:
+    """The (prompt, continuation) pairs a fact's latent is refined on.
+
+    A request: its prompt and " " + its answer. A plain sentence with ``splits == 1``: `refinement_target`. With
+    more: the rest of the sentence after up to ``splits`` of its beginnings, evenly spread over the second half of
+    its words and always including "all but the last word" (e.g. "The CEO of Northwind Traders is" ->
+    " Maria Okafor." and "... is Maria" -> " Okafor."), so that a multi-word answer and the sentence's end are
+    carried whichever word the answer starts at.
+    """
+    if request is not None or splits == 1:
+        return [refinement_target(sentence, request)]
+    words = sentence.strip().split(" ")
+    if len(words) < 2:
+        return [("", sentence)]
+    lo = max(1, len(words) // 2)
+    cuts = list(range(lo, len(words)))
+    if len(cuts) > splits:  # evenly spread, the last cut kept
+        cuts = sorted({cuts[round(i * (len(cuts) - 1) / (splits - 1))] for i in range(splits)}) if splits > 1 \
+            else cuts[-1:]
+    return [(" ".join(words[:k]), " " + " ".join(words[k:])) for k in cuts]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int, rows: Sequence[int] | None = None
+                   ) -> list[list[int]]:
+    """Item indices grouped into batches by length: items sorted by length, then cut so that a batch has at most
+    ``batch_size`` items and ``(its rows) * longest <= max_tokens`` (an item over ``max_tokens`` is a batch alone).
+
+    Args:
+        lengths: each item's (longest row's) length in tokens.
+        batch_size: the most items in a batch.
+        max_tokens: the most padded tokens in a batch.
+        rows: each item's number of rows (default: one each).
+
+    Returns:
+        every index once, in batches of non-decreasing length.
+    """
+    rows = [1] * len(lengths) if rows is None else list(rows)
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        b = batches[-1] if batches else None
+        if b is None or len(b) >= batch_size or (sum(rows[j] for j in b) + rows[i]) * lengths[i] > max_tokens:
+            batches.append([i])
+        else:
+            b.append(i)
+    return batches
+
+
+def refine_latents(
+    model: LarimarModel,
+    Z: Tensor,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    queries: Tensor | None,
+    refinement: Refinement,
+    owner: Sequence[int] | None = None,
+) -> Tensor:
+    """Refines fact latents by gradient steps on the latents alone (see `Refinement`); the model is unchanged.
+
+    Args:
+        model: the model whose decoder scores the facts.
+        Z: (n, C) the encoder's latents, the starting point.
+        prompts: R target prompts ("" to score the continuation alone, after the start token).
+        continuations: R texts scored after their prompts (e.g. " Rome", or a whole sentence).
+        queries: (R, C) query latents: a target decodes from the one-fact read (q . z / |z|^2) z; None: from z.
+        refinement: steps, learning rate, batch limits, early stop.
+        owner: R fact indices, the fact each target belongs to (default: target i is fact i, R = n). A fact's
+            loss is the mean of its targets' NLLs.
+
+    Returns:
+        (n, C) float32 refined latents on ``Z``'s device (``Z`` itself when ``refinement.steps == 0``).
+    """
+    n = Z.shape[0]
+    owner = list(range(n)) if owner is None else [int(o) for o in owner]
+    R = len(owner)
+    if (len(prompts) != R or len(continuations) != R or (queries is not None and queries.shape[0] != R)
+            or sorted(set(owner)) != list(range(n))):
+        raise ValueError(f"refine_latents: {n} latents, {len(prompts)} prompts, {len(continuations)} continuations"
+                         f", {R} owners, queries {None if queries is None else tuple(queries.shape)}")
+    if refinement.steps == 0 or n == 0:
+        return Z
+    from tqdm.auto import tqdm
+
+    tok = model.decoder_tokenizer
+    p_len = [len(x) for x in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+    c_len = [len(x) for x in tok(list(continuations), add_special_tokens=False)["input_ids"]]
+    targets_of: list[list[int]] = [[] for _ in range(n)]
+    for r, f in enumerate(owner):
+        targets_of[f].append(r)
+    longest = [max(1 + p_len[r] + c_len[r] for r in targets_of[f]) for f in range(n)]
+    batches = length_batches(longest, refinement.batch_size, refinement.max_tokens, [len(t) for t in targets_of])
+    with torch.inference_mode(False), torch.enable_grad():
+        out = torch.empty(Z.shape, dtype=torch.float32, device=Z.device)  # (n, C), a normal tensor to fill in place
+        for facts in tqdm(batches, desc="refining latents", unit="batch", disable=len(batches) < 2, leave=False):
+            rows = [r for f in facts for r in targets_of[f]]
+            local = torch.tensor([facts.index(owner[r]) for r in rows], device=model.device)  # (b_rows,)
+            weight = 1.0 / torch.tensor([len(targets_of[owner[r]]) for r in rows], device=model.device)  # (b_rows,)
+            idx = torch.tensor(facts, device=Z.device)
+            z = Z[idx].detach().clone().float().to(model.device).requires_grad_(True)  # (b, C)
+            q = None if queries is None else queries[rows].detach().clone().float().to(model.device)  # (b_rows, C)
+            ps, cs = [prompts[r] for r in rows], [continuations[r] for r in rows]
+            opt = torch.optim.Adam([z], lr=refinement.lr)
+            done = torch.zeros(len(facts), dtype=torch.bool, device=model.device)  # (b,)
+            for _ in range(refinement.steps):
+                zr = z[local]  # (b_rows, C)
+                latent = zr if q is None else one_fact_read(q, zr)  # (b_rows, C)
+                nll = model.continuation_nll(ps, cs, latent).float()  # (b_rows,)
+                if refinement.stop_nll is not None:
+                    per_fact = torch.zeros(len(facts), device=nll.device).index_add_(0, local, nll.detach() * weight)
+                    done |= per_fact < refinement.stop_nll  # (b,): these keep their current latent
+                    if bool(done.all()):
+                        break
+                kept = z.detach().clone()  # (b, C)
+                (z.grad,) = torch.autograd.grad((nll * weight).sum(), [z])  # no gradient reaches the weights
+                opt.step()
+                if bool(done.any()):
+                    with torch.no_grad():
+                        z[done] = kept[done]
+            z = z.detach()
+            bad = ~torch.isfinite(z).all(-1)  # (b,): a diverged row keeps the encoder's latent
+            if bad.any():
+                logger.warning("latent refinement diverged for %d fact(s); writing their encoder latents",
+                               int(bad.sum()))
+                z[bad] = Z[idx][bad].float().to(z.device)
+            out[idx] = z.to(Z.device)
+    return out
