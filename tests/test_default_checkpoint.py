@@ -22,10 +22,15 @@ pytestmark = [
     pytest.mark.skipif(not (Path(DEFAULT_CHECKPOINT) / "config.json").is_file(), reason="no shipped checkpoint"),
 ]
 
-# Measured with the shipped checkpoint on the first SLICE records of counterfact_rome_929.json (see
-# docs/results.md); the test allows one record of slack per metric.
+# Measured with the shipped checkpoint on the first SLICE records of counterfact_rome_929.json, 2026-12-03, CPU VM
+# (`larimar eval counterfact --limit 20 --methods larimar,none [--refine-steps 0]`; none: ES 15.0, PS 20.0, NS 77.5).
+# ES and PS are scored on the rewrite prompt the refined latent was optimised on (a fit) and on paraphrases it never
+# saw. The test allows one record of slack per metric (5 points of a 20-record mean).
 SLICE = 20
-ES_SLICE, NS_GAP_SLICE = 95.0, 9.0  # larimar ES 95.0 (none: 15.0); NS 68.5 (none: 77.5)
+MEASURED = {  # mode -> (ES, PS, NS)
+    "refined": (100.0, 87.5, 68.5),
+    "oneshot": (95.0, 77.5, 68.5),
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +72,20 @@ def test_forgetting_is_exact_with_the_real_encoder(lm: Larimar):
 
 
 @pytest.mark.skipif(not CF_ROME.is_file(), reason="shared CounterFact data absent")
-def test_counterfact_slice_does_not_regress(tmp_path):
-    out = tmp_path / "cf"
-    code = cli_main(["eval", "counterfact", "--data", str(CF_ROME), "--limit", str(SLICE),
-                     "--methods", "larimar,none", "--gen-tokens", "0", "--out", str(out)])
-    assert code == 0
+@pytest.mark.parametrize("mode", ["refined", "oneshot"])
+def test_counterfact_slice_does_not_regress(tmp_path, mode):
     import json
 
+    out = tmp_path / "cf"
+    steps = ["--refine-steps", "0"] if mode == "oneshot" else []
+    code = cli_main(["eval", "counterfact", "--data", str(CF_ROME), "--limit", str(SLICE), "--methods", "larimar,none",
+                     "--gen-tokens", "0", "--gen-es-tokens", "0", "--fluency-tokens", "0", *steps, "--out", str(out)])
+    assert code == 0
     rows = {r["method"]: r for r in json.loads((out / "summary.json").read_text())}
+    es, ps, ns = MEASURED[mode]
+    slack = 100.0 / SLICE
     assert rows["larimar"]["n_cases"] == SLICE
-    assert rows["larimar"]["es"] >= ES_SLICE - 100.0 / SLICE
-    assert rows["larimar"]["ns"] >= rows["none"]["ns"] - NS_GAP_SLICE - 100.0 / SLICE
+    assert rows["larimar"]["es"] >= es - slack
+    assert rows["larimar"]["ps"] >= ps - slack
+    assert rows["larimar"]["ns"] >= ns - slack
+    assert rows["none"]["es"] <= 15.0 + slack  # the unedited model does not know the new facts

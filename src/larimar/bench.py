@@ -30,16 +30,18 @@ MEMORY_SHAPES: tuple[tuple[int, int, int, int], ...] = (
 def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
     """Wall-clock times (ms) of fn over `repeats` runs after one warm-up run."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t0))
-    return times
+    return [_once_ms(fn, device) for _ in range(repeats)]
+
+
+def _once_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock time (ms) of one call of fn (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0)
 
 
 def _pinv_write_read(M0: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
@@ -142,17 +144,6 @@ BENCH_FACTS: tuple[tuple[str, str], ...] = (
     ("The headquarters of Bluewave Systems are in Lisbon.", "The headquarters of Bluewave Systems are in"),
 )
 """Fact sentences (fictional or counterfactual) and an in-scope prompt for each."""
-
-
-def _once_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall-clock time (ms) of one call of fn (synchronised on CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - t0)
 
 
 def bench_edit(

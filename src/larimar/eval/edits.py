@@ -143,6 +143,21 @@ def _predict_cached(editor: Editor, cache: dict | None, prompts: list[str], answ
     return [cache[(p, a)] for p, a in zip(prompts, answers)]
 
 
+def _edit_with_generations(editor: Editor, req: EditRequest, gen_tokens: int, detail: bool, pre_cache: dict | None,
+                           gen_es_tokens: int, fluency_tokens: int) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Applies one record's edit between the unedited and the edited greedy generations of its rewrite prompt:
+    (pre-edit text or None, the edit's timing, post-edit text or None, the generation metrics)."""
+    rewrite = req.full_prompt
+    pre = editor.generate([rewrite], gen_tokens)[0] if gen_tokens else None
+    unedited = (_unedited_generations(editor, pre_cache, _fluency_prompts(req), fluency_tokens)
+                if detail and fluency_tokens > 0 else None)
+    timing = _timed_edit(editor, req)
+    post = editor.generate([rewrite], gen_tokens)[0] if gen_tokens else None
+    gen = (_generation_metrics(editor, req, unedited, gen_es_tokens, fluency_tokens) if detail
+           else _generation_metrics(editor, req, None, 0, 0))
+    return pre, timing, post, gen
+
+
 def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int, detail: bool = True,
                token_acc: bool = False, pre_cache: dict | None = None, gen_es_tokens: int = GEN_ES_TOKENS,
                fluency_tokens: int = FLUENCY_TOKENS) -> dict[str, Any] | None:
@@ -158,13 +173,8 @@ def _case_prob(editor: Editor, req: EditRequest, gen_tokens: int, detail: bool =
     loc_prompts, loc_answers = list(req.neighborhood_prompts), [space(t) for t in answers]
     pre_loc = _predict_cached(editor, pre_cache, loc_prompts, loc_answers) if token_acc and loc_prompts else None
     gen_tokens = gen_tokens if detail else 0
-    pre = editor.generate([rewrite], gen_tokens)[0] if gen_tokens else None
-    unedited = (_unedited_generations(editor, pre_cache, _fluency_prompts(req), fluency_tokens)
-                if detail and fluency_tokens > 0 else None)
-    timing = _timed_edit(editor, req)
-    post = editor.generate([rewrite], gen_tokens)[0] if gen_tokens else None
-    gen = (_generation_metrics(editor, req, unedited, gen_es_tokens, fluency_tokens) if detail
-           else _generation_metrics(editor, req, None, 0, 0))
+    pre, timing, post, gen = _edit_with_generations(editor, req, gen_tokens, detail, pre_cache, gen_es_tokens,
+                                                    fluency_tokens)
     n = len(prompts)
     conts = [space(req.target_new)] * n + [space(t) for t in trues]
     if token_acc:  # one teacher-forced pass gives the NLLs and EasyEdit's argmax tokens
@@ -219,13 +229,8 @@ def _case_token_acc(editor: Editor, req: EditRequest, gen_tokens: int, exact_mat
     loc_answers = [space(a) for a in req.neighborhood_answers]
     editor.reset()
     pre_loc = editor.predict(loc_prompts, loc_answers) if loc_prompts else None
-    pre = editor.generate([rewrite], gen_tokens)[0] if gen_tokens else None
-    unedited = (_unedited_generations(editor, pre_cache, _fluency_prompts(req), fluency_tokens)
-                if detail and fluency_tokens > 0 else None)
-    timing = _timed_edit(editor, req)
-    post = editor.generate([rewrite], gen_tokens)[0] if gen_tokens else None
-    gen = (_generation_metrics(editor, req, unedited, gen_es_tokens, fluency_tokens) if detail
-           else _generation_metrics(editor, req, None, 0, 0))
+    pre, timing, post, gen = _edit_with_generations(editor, req, gen_tokens, detail, pre_cache, gen_es_tokens,
+                                                    fluency_tokens)
     prompts = [rewrite, *req.paraphrase_prompts]
     tf = editor.predict(prompts, [new] * len(prompts))
     scope = tf.in_scope or [None] * len(prompts)
