@@ -25,6 +25,7 @@ import argparse
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,10 @@ def zsre_sentence(src: str, subject: str, alt: str) -> tuple[str, str] | None:
     return None
 
 
-def zsre_items(path: Path, n: int, rng: random.Random) -> list[dict[str, Any]]:
-    """``n`` facts from a ZsRE (MEND) train file (module docstring)."""
+def sampled_items(path: Path, n: int, rng: random.Random,
+                  make: Callable[[int, dict[str, Any]], dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The first ``n`` facts ``make(index, record)`` builds from a JSON list's records in a seeded random order
+    (records it returns None for are skipped)."""
     records = json.loads(path.read_text(encoding="utf-8"))
     order = list(range(len(records)))
     rng.shuffle(order)
@@ -116,48 +119,45 @@ def zsre_items(path: Path, n: int, rng: random.Random) -> list[dict[str, Any]]:
     for i in order:
         if len(out) >= n:
             break
-        r = records[i]
-        src, alt, reph, subj = (str(r.get(k) or "").strip() for k in ("src", "alt", "rephrase", "subject"))
-        loc, loc_ans = str(r.get("loc") or "").strip(), str(r.get("loc_ans") or "").strip()
-        if not (src and alt and reph and subj) or alt.lower() == subj.lower() or len(loc_ans.split()) > 4:
-            continue
-        templated = zsre_sentence(src, subj, alt)
-        if templated:
-            fact, prefix = templated
-            questions = [_qa(prefix, alt), _qa(f"Q: {src} A:", alt)]
-        else:
-            fact = f"Q: {src} A: {alt}."
-            questions = [_qa(f"Q: {src} A:", alt)]
-        questions.append(_qa(f"Q: {reph} A:", alt))
-        unrelated = []
-        if loc and loc_ans:
-            q = re.sub(r"^nq question:\s*", "", loc).strip()
-            unrelated.append(_qa(f"Q: {q[:1].upper() + q[1:]}? A:", loc_ans))
-        out.append({"fact": fact, "questions": questions, "unrelated": unrelated, "source": f"zsre_train:{i}"})
+        item = make(i, records[i])
+        if item is not None:
+            out.append(item)
     return out
 
 
-def counterfact_items(path: Path, n: int, rng: random.Random) -> list[dict[str, Any]]:
-    """``n`` facts from an EasyEdit CounterFact train file whose prompt template has a question form."""
-    records = json.loads(path.read_text(encoding="utf-8"))
-    order = list(range(len(records)))
-    rng.shuffle(order)
-    out = []
-    for i in order:
-        if len(out) >= n:
-            break
-        r = records[i]
-        prompt, subj, new = (str(r.get(k) or "").strip() for k in ("prompt", "subject", "target_new"))
-        question = CF_QUESTIONS.get(prompt.replace(subj, "{}", 1)) if subj and subj in prompt else None
-        if not (question and new and r.get("rephrase_prompt")):
-            continue
-        questions = [_qa(prompt, new), _qa(question.format(subj), new), _qa(str(r["rephrase_prompt"]).strip(), new)]
-        unrelated = []
-        if r.get("locality_prompt") and r.get("locality_ground_truth"):
-            unrelated.append(_qa(str(r["locality_prompt"]).strip(), str(r["locality_ground_truth"]).strip()))
-        out.append({"fact": f"{prompt} {new}.", "questions": questions, "unrelated": unrelated,
-                    "source": f"counterfact_train:{r.get('case_id', i)}"})
-    return out
+def zsre_item(i: int, r: dict[str, Any]) -> dict[str, Any] | None:
+    """A fact from ZsRE (MEND) train record ``i`` (module docstring), or None when it does not make one."""
+    src, alt, reph, subj = (str(r.get(k) or "").strip() for k in ("src", "alt", "rephrase", "subject"))
+    loc, loc_ans = str(r.get("loc") or "").strip(), str(r.get("loc_ans") or "").strip()
+    if not (src and alt and reph and subj) or alt.lower() == subj.lower() or len(loc_ans.split()) > 4:
+        return None
+    templated = zsre_sentence(src, subj, alt)
+    if templated:
+        fact, prefix = templated
+        questions = [_qa(prefix, alt), _qa(f"Q: {src} A:", alt)]
+    else:
+        fact = f"Q: {src} A: {alt}."
+        questions = [_qa(f"Q: {src} A:", alt)]
+    questions.append(_qa(f"Q: {reph} A:", alt))
+    unrelated = []
+    if loc and loc_ans:
+        q = re.sub(r"^nq question:\s*", "", loc).strip()
+        unrelated.append(_qa(f"Q: {q[:1].upper() + q[1:]}? A:", loc_ans))
+    return {"fact": fact, "questions": questions, "unrelated": unrelated, "source": f"zsre_train:{i}"}
+
+
+def counterfact_item(i: int, r: dict[str, Any]) -> dict[str, Any] | None:
+    """A fact from EasyEdit CounterFact train record ``i`` whose prompt template has a question form, or None."""
+    prompt, subj, new = (str(r.get(k) or "").strip() for k in ("prompt", "subject", "target_new"))
+    question = CF_QUESTIONS.get(prompt.replace(subj, "{}", 1)) if subj and subj in prompt else None
+    if not (question and new and r.get("rephrase_prompt")):
+        return None
+    questions = [_qa(prompt, new), _qa(question.format(subj), new), _qa(str(r["rephrase_prompt"]).strip(), new)]
+    unrelated = []
+    if r.get("locality_prompt") and r.get("locality_ground_truth"):
+        unrelated.append(_qa(str(r["locality_prompt"]).strip(), str(r["locality_ground_truth"]).strip()))
+    return {"fact": f"{prompt} {new}.", "questions": questions, "unrelated": unrelated,
+            "source": f"counterfact_train:{r.get('case_id', i)}"}
 
 
 def handwritten_items(path: Path) -> list[dict[str, Any]]:
@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     assert not any(p.name in FORBIDDEN for p in (zsre, cf))
     rng = random.Random(args.seed)
     items = handwritten_items(Path(args.handwritten))
-    items += zsre_items(zsre, args.zsre, rng)
-    items += counterfact_items(cf, args.counterfact, rng)
+    items += sampled_items(zsre, args.zsre, rng, zsre_item)
+    items += sampled_items(cf, args.counterfact, rng, counterfact_item)
     rng.shuffle(items)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

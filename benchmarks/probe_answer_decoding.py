@@ -20,10 +20,10 @@ import torch
 
 from larimar.data import load_zsre
 from larimar.editor import Larimar
-from larimar.facts import fact_sentence
 from larimar.eval.editors import teacher_forced
 from larimar.eval.metrics import match_rate as _acc
 from larimar.eval.metrics import space as _space
+from larimar.facts import fact_sentence
 
 VARIANTS = {  # name: (latent, scale, guidance)
     "proj": ("proj", 1.0, 0.0), "full": ("full", 1.0, 0.0), "x1.5": ("full", 1.5, 0.0), "x2": ("full", 2.0, 0.0),

@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from larimar.data import iter_episodes, iter_text_blocks, iter_wikipedia_texts
 from larimar.cli.options import quiet_loading
+from larimar.data import iter_episodes, iter_text_blocks, iter_wikipedia_texts
 from larimar.editor import DEFAULT_CHECKPOINT
 from larimar.model import LarimarModel
 

@@ -117,8 +117,12 @@ def format_table(rows: list[dict]) -> str:
 
 def run_memory_bench(device: str = "cpu", out: str | None = None, repeats: int = 5) -> list[dict]:
     """Runs the memory benchmark, prints the table and optionally writes the rows as JSON."""
-    rows = bench_memory(device=device, repeats=repeats)
-    print(format_table(rows))
+    return _report(bench_memory(device=device, repeats=repeats), format_table, out)
+
+
+def _report(rows: list[dict], table: Callable[[list[dict]], str], out: str | None) -> list[dict]:
+    """Prints the rows as a table and, with ``out``, writes them as JSON there."""
+    print(table(rows))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(rows, indent=2))
@@ -204,10 +208,4 @@ def format_edit_table(rows: list[dict]) -> str:
 def run_edit_bench(checkpoint: str | None = None, device: str = "cpu", out: str | None = None,
                    repeats: int = 1, modes: tuple[str, ...] = ("oneshot", "refined")) -> list[dict]:
     """Runs `bench_edit`, prints the table and optionally writes the rows as JSON."""
-    rows = bench_edit(checkpoint, device, modes, repeats=repeats)
-    print(format_edit_table(rows))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(rows, indent=2))
-        print(f"wrote {out}")
-    return rows
+    return _report(bench_edit(checkpoint, device, modes, repeats=repeats), format_edit_table, out)

@@ -450,6 +450,26 @@ class TextBlock(NamedTuple):
     ids: list[int]
 
 
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
+    """The values of a JSON-lines file, blank lines skipped: (line number, value, None), or (line number, None,
+    why the line is not JSON), so that a caller can stop at a bad line or collect every problem.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no JSON-lines file at {path}")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line), None
+            except json.JSONDecodeError as exc:
+                yield lineno, None, f"{exc.msg} at column {exc.colno}"
+
+
 def iter_wikipedia_texts(path: str | Path) -> Iterator[str]:
     """Stream the paragraphs of a Wikipedia JSONL file (one article ``{"id", "title", "text"}`` a line).
 
@@ -462,22 +482,16 @@ def iter_wikipedia_texts(path: str | Path) -> Iterator[str]:
     Raises:
         ValueError: a line is not JSON or has no string ``text`` (names the path and line number).
     """
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                article = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: expected one JSON object per line ({exc})") from None
-            text = article.get("text") if isinstance(article, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
-            for paragraph in text.split("\n"):
-                paragraph = paragraph.strip()
-                if paragraph:
-                    yield paragraph
+    for lineno, article, bad in iter_json_lines(path):
+        if bad is not None:
+            raise ValueError(f"{path}:{lineno}: expected one JSON object per line ({bad})")
+        text = article.get("text") if isinstance(article, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
+        for paragraph in text.split("\n"):
+            paragraph = paragraph.strip()
+            if paragraph:
+                yield paragraph
 
 
 def iter_sentences(paragraphs: Iterable[str]) -> Iterator[str]:

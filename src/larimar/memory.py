@@ -1,6 +1,6 @@
 """Kanerva-style generative episodic memory (pure torch; no model code).
 
-Notation (METHOD.md section 2): K slots, C code size, an episode Z of N encoded items (N, C), addressing
+Notation (docs/method.md, "Memory"): K slots, C code size, an episode Z of N encoded items (N, C), addressing
 weights W (N, K). Every function is batched over B independent memories and follows the inputs' device.
 
     keys     W = Z M0^+                      addressing against the learned prior mean M0 (K, C)
@@ -111,7 +111,7 @@ class EpisodicMemory(nn.Module):
         super().__init__()
         self.config = config
         K, C = config.num_slots, config.code_size
-        self.M0 = nn.Parameter(torch.eye(K, C))  # (K, C) prior mean; eye works well (METHOD.md)
+        self.M0 = nn.Parameter(torch.eye(K, C))  # (K, C) prior mean; eye works well (docs/method.md)
         self.log_read_std = nn.Parameter(torch.full((K,), float(torch.tensor(config.init_read_std).log())))
 
     # -- checks --------------------------------------------------------------------------------------------

@@ -424,10 +424,18 @@ class LarimarModel(nn.Module):
         )
 
     def generate_text(
-        self, prompts: list[str], latent: Tensor | None = None, max_new_tokens: int = 32, **kwargs: Any
+        self, prompts: list[str], latent: Tensor | None = None, max_new_tokens: int = 32, truncate: bool = True,
+        **kwargs: Any,
     ) -> list[str]:
-        """Generates continuations of prompts (start token prepended, left padded); keyword args as `generate`."""
-        batch = self.tokenize_decoder(prompts, left_pad=True)
+        """Generates continuations of prompts (start token prepended, left padded); keyword args as `generate`.
+
+        ``truncate=False`` keeps every prompt whole instead of cutting it to ``config.max_decoder_length`` tokens
+        (a retrieved sentence + a prompt may be longer)."""
+        max_length = None
+        if not truncate:
+            longest = max(len(self.decoder_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+            max_length = max(longest, self.config.max_decoder_length)
+        batch = self.tokenize_decoder(prompts, left_pad=True, max_length=max_length)
         new = self.generate(batch["input_ids"], batch["attention_mask"], latent, max_new_tokens, **kwargs)
         texts = []
         for row in new.tolist():

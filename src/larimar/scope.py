@@ -308,6 +308,20 @@ class ScopeDetector:
         sims, _ = self.score(queries)
         return [bool(s >= self.threshold) for s in sims]
 
+    def with_facts(self, embeddings: torch.Tensor | None = None, ids: list[str] | None = None) -> "ScopeDetector":
+        """A detector with this one's encoder and settings holding only the given facts (none by default); this one
+        is untouched, so a caller can route against a memory of its own (a service namespace, a document).
+
+        Args:
+            embeddings: (N, D) fact embeddings (see `add_embeddings`), or None for an empty detector.
+            ids: N unique ids.
+        """
+        view = copy.copy(self)
+        view.clear()  # rebinds the copy's ids and embeddings
+        if ids:
+            view.add_embeddings(embeddings, ids)
+        return view
+
     def with_mode(self, mode: str) -> "ScopeDetector":
         """This detector if it already scores in ``mode``, else a shallow copy that does (same facts, encoder).
 

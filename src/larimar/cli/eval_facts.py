@@ -16,7 +16,12 @@ from typing import Any
 import torch
 
 from larimar.cli.options import ModelOptions, RunOptions, now_utc, split_names
-from larimar.eval.facts import METHODS, evaluate_facts, load_fact_file, write_facts_outputs
+from larimar.eval.facts import (
+    METHODS,
+    evaluate_facts,
+    load_fact_file,
+    write_facts_outputs,
+)
 from larimar.eval.report import machine_info
 
 

@@ -16,7 +16,14 @@ import logging
 import sys
 from collections.abc import Callable
 
-from larimar.cli import eval_capabilities, eval_edits, eval_facts, memories, tools, train
+from larimar.cli import (
+    eval_capabilities,
+    eval_edits,
+    eval_facts,
+    memories,
+    tools,
+    train,
+)
 from larimar.cli.options import EXIT_OK, EXIT_USAGE, UsageError
 
 logger = logging.getLogger("larimar")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from larimar.cli.options import ModelOptions, StoreOptions, UsageError, quiet_loading
+from larimar.data import iter_json_lines
 from larimar.editor.files import read_memory_state, save_memory_state
 from larimar.facts import FactLike, fact_sentence
 from larimar.serving.engine import LarimarEngine
@@ -47,19 +48,12 @@ def _print(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 def _read_fact_file(path: str) -> list[FactLike]:
     """Facts of a JSON-lines file: each line a string, {"text": ...} or {prompt, subject, target_new}."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no facts file at {p}")
     out: list[FactLike] = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{p}:{lineno}: expected one JSON value per line ({err})") from None
+    for lineno, item, bad in iter_json_lines(path):
+        if bad is not None:
+            raise ValueError(f"{path}:{lineno}: expected one JSON value per line ({bad})")
         if not isinstance(item, (str, dict)):
-            raise ValueError(f"{p}:{lineno}: expected a string or an object, got {type(item).__name__}")
+            raise ValueError(f"{path}:{lineno}: expected a string or an object, got {type(item).__name__}")
         out.append(item)
     return out
 

@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import copy
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -131,7 +130,6 @@ class Larimar:
         self.refinement = Refinement() if refinement is None else refinement
         self.memory = ItemMemory(model.memory)
         self._texts: dict[str, str] = {}  # id -> sentence, in write order
-        self.last_edit_ms: dict[str, float] = {}  # wall time of the last edit's parts: encode, refine, scope, write
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -224,12 +222,15 @@ class Larimar:
             queries = self.encode_facts([p or parsed[f][0] for p, f in zip(prompts, owner)])  # (R, C)
         return refine_latents(self.model, Z, prompts, answers, queries, self.refinement, owner).cpu()
 
-    def edit(self, facts: FactLike | Sequence[FactLike], ids: Sequence[str] | None = None) -> list[str]:
+    def edit(self, facts: FactLike | Sequence[FactLike], ids: Sequence[str] | None = None,
+             timings: dict[str, float] | None = None) -> list[str]:
         """Writes facts to memory (one write for the batch; successive calls accumulate).
 
         Args:
             facts: sentences, `EditRequest` objects or dicts ``{prompt, subject, target_new}``.
             ids: one new id per fact (default: random ids).
+            timings: if given, filled with this call's wall time (ms) per part: encode, refine, scope, write (the
+                scope index insert after them is not timed).
 
         Returns:
             the facts' ids.
@@ -251,8 +252,8 @@ class Larimar:
         t3 = time.perf_counter()
         self.memory.write(Z, ids)
         t4 = time.perf_counter()
-        self.last_edit_ms = {"encode": 1e3 * (t1 - t0), "refine": 1e3 * (t2 - t1), "scope": 1e3 * (t3 - t2),
-                             "write": 1e3 * (t4 - t3)}
+        if timings is not None:
+            timings.update(encode=1e3 * (t1 - t0), refine=1e3 * (t2 - t1), scope=1e3 * (t3 - t2), write=1e3 * (t4 - t3))
         if self.scope is not None:
             try:
                 self.scope.add_embeddings(emb, ids)
@@ -447,14 +448,11 @@ class Larimar:
         state = {k: v for k, v in tensors.items() if k != "scope_embeddings"}
         memory = ItemMemory.from_state_tensors(self.model.memory, state, ids, device=str(self.memory.device))
         scope = None
-        if self.scope is not None:
-            scope = copy.copy(self.scope)
-            scope.clear()
+        if self.scope is not None:  # checked on a copy first: a bad file leaves the current detector as it was
             emb = tensors.get("scope_embeddings")
             if ids and (emb is None or (self.scope.dim is not None and emb.shape[1] != self.scope.dim)):
                 emb = self.scope.embed([texts[i] for i in ids])  # saved without (or with other) embeddings
-            if ids:
-                scope.add_embeddings(emb, ids)
+            scope = self.scope.with_facts(emb, ids)
         self.memory, self._texts = memory, {i: texts[i] for i in ids}
         if scope is not None:
             self.scope.clear()

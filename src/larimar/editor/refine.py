@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from larimar.facts import EditRequest
-from larimar.solvers import one_fact_read
 from larimar.model import LarimarModel
+from larimar.solvers import one_fact_read
 
 logger = logging.getLogger(__name__)
 
@@ -188,12 +188,13 @@ def refine_latents(
                     done |= per_fact < refinement.stop_nll  # (b,): these keep their current latent
                     if bool(done.all()):
                         break
-                kept = z.detach().clone()  # (b, C)
+                frozen = done.clone() if bool(done.any()) else None  # (b,): facts that stopped keep their latent
+                kept = z.detach()[frozen].clone() if frozen is not None else None  # (f, C)
                 (z.grad,) = torch.autograd.grad((nll * weight).sum(), [z])  # no gradient reaches the weights
                 opt.step()
-                if bool(done.any()):
+                if frozen is not None:
                     with torch.no_grad():
-                        z[done] = kept[done]
+                        z[frozen] = kept
             z = z.detach()
             bad = ~torch.isfinite(z).all(-1)  # (b,): a diverged row keeps the encoder's latent
             if bad.any():

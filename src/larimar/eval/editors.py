@@ -14,7 +14,6 @@ without a scope detector. Teacher-forced scoring uses one tokenization rule for 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -192,7 +191,8 @@ class LarimarEditor:
     def __init__(self, lm: Any, name: str = "larimar", plain_cache: dict | None = None) -> None:
         self.lm = lm
         self.name = name
-        self.plain_cache = plain_cache  # shared z = 0 scores (see `editing.cached_plain_nll`)
+        self.plain_cache = plain_cache  # shared z = 0 scores (see `editor.editor.cached_plain_nll`)
+        self._parts: dict[str, float] = {}  # the last edit's timed parts
 
     @property
     def device(self) -> torch.device:
@@ -202,13 +202,13 @@ class LarimarEditor:
         self.lm.reset()
 
     def edit(self, requests: list[EditRequest]) -> None:
-        self.lm.last_edit_ms = {}
-        self.lm.edit(list(requests))
+        self._parts = {}
+        self.lm.edit(list(requests), timings=self._parts)
 
     def last_edit_parts(self) -> dict[str, float]:
-        """Wall time (ms) of the parts of the last edit (`Larimar.last_edit_ms`: encode, refine, scope, write;
-        the scope index insert is not timed there), empty if unknown."""
-        return dict(getattr(self.lm, "last_edit_ms", None) or {})
+        """Wall time (ms) of the parts of this editor's last edit (``Larimar.edit(timings=)``: encode, refine, scope,
+        write; the scope index insert is not timed there), empty if unknown."""
+        return dict(self._parts)
 
     def score(self, prompts: list[str], continuations: list[str]) -> Scored:
         nll, in_scope = self.lm.score_batch(prompts, continuations, plain_cache=self.plain_cache)
@@ -292,22 +292,6 @@ def decoder_prompt_tokens(model: Any, prompts: Sequence[str]) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_untruncated(model: Any, prompts: list[str], max_new_tokens: int, **kwargs: Any) -> list[str]:
-    """`LarimarModel.generate_text` with z = None (the plain decoder) and no truncation of long prompts (a retrieved
-    sentence + prompt may exceed ``max_decoder_length``, which would cut the prompt's end off); keyword args
-    (sampling) as `LarimarModel.generate`."""
-    longest = max(len(model.decoder_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    batch = model.tokenize_decoder(list(prompts), left_pad=True,
-                                   max_length=max(longest, model.config.max_decoder_length))
-    new = model.generate(batch["input_ids"], batch["attention_mask"], None, max_new_tokens, **kwargs)
-    texts = []
-    for row in new.tolist():
-        if model.eos_token_id is not None and model.eos_token_id in row:
-            row = row[: row.index(model.eos_token_id)]
-        texts.append(model.decoder_tokenizer.decode(row, skip_special_tokens=True))
-    return texts
-
-
 @dataclass
 class RagRouting:
     """Where each of Q queries goes under `RagEditor`.
@@ -352,8 +336,7 @@ class RagEditor:
         self.use_scope = bool(getattr(lm, "use_scope", True))
         self.scope_mode = getattr(lm, "scope_mode", "prompt")
         self.max_chars = getattr(lm, "max_chars", 10**9)
-        self.scope = copy.copy(lm.scope)  # the same encoder and settings; its own facts
-        self.scope.clear()
+        self.scope = lm.scope.with_facts()  # the same encoder and settings; its own facts
         self._texts: dict[str, str] = {}  # id -> sentence, in write order
         self._count = 0
 
@@ -430,7 +413,7 @@ class RagEditor:
         return self.model.continuation_nll(list(prompts), list(continuations), None).float().cpu()
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        return generate_untruncated(self.model, self.route(prompts).prompts, max_new_tokens)
+        return self.model.generate_text(self.route(prompts).prompts, None, max_new_tokens, truncate=False)
 
     def prompt_tokens(self, prompts: list[str]) -> list[int]:
         """Decoder tokens each prompt is decoded with: start token + (retrieved sentence + separator +) prompt."""

@@ -84,7 +84,7 @@ def _ms(t0: float) -> float:
 
 def _timed_edit(editor: Editor, req: EditRequest) -> dict[str, float | None]:
     """Runs ``editor.edit([req])``: ``edit_ms`` is the whole call's wall time (every method); for Larimar also its
-    parts (`Larimar.last_edit_ms`): ``edit_core_ms`` = encode + refine + write, ``edit_scope_ms`` = the scope
+    parts (``Larimar.edit(timings=)``): ``edit_core_ms`` = encode + refine + write, ``edit_scope_ms`` = the scope
     embedding (the index insert itself is in ``edit_ms`` only)."""
     t0 = time.perf_counter()
     editor.edit([req])

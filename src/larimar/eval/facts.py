@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from larimar.data import iter_json_lines
 from larimar.eval.editors import LarimarEditor, NoEditEditor, RagEditor
 from larimar.eval.metrics import mean_of, ngram_entropy, starts_with, token_accuracy
 from larimar.eval.report import write_cases, write_table
@@ -143,23 +144,16 @@ def load_fact_file(path: str | Path) -> list[FactItem]:
         ValueError: bad lines (every problem with its line number, the first 20 listed) or no fact at all.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no fact file at {p}")
     items: list[FactItem] = []
     problems: list[str] = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"line {n}: not JSON ({e.msg} at column {e.colno})")
-                continue
-            item, bad = parse_fact(obj)
-            problems += [f"line {n}: {b}" for b in bad]
-            if item is not None:
-                items.append(item)
+    for n, obj, not_json in iter_json_lines(p):
+        if not_json is not None:
+            problems.append(f"line {n}: not JSON ({not_json})")
+            continue
+        item, bad = parse_fact(obj)
+        problems += [f"line {n}: {b}" for b in bad]
+        if item is not None:
+            items.append(item)
     if problems:
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
         raise ValueError(f"{p}: {len(problems)} bad line problem(s){more}:\n  " + "\n  ".join(problems[:20]))

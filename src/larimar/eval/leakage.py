@@ -15,7 +15,6 @@ from larimar.eval.editors import (
     HFBaselineEditor,
     RagEditor,
     SequentialHFEditor,
-    generate_untruncated,
 )
 from larimar.eval.forgetting import UNKNOWN, unknown_request
 from larimar.eval.metrics import contains_answer, mean_of
@@ -67,8 +66,8 @@ def _rag_samples(rag: RagEditor, prompts: list[str], n_samples: int, max_new_tok
     with torch.inference_mode():
         r = rag.route(prompts)
         rep = [p for p in r.prompts for _ in range(n_samples)]
-        texts = generate_untruncated(rag.model, rep, max_new_tokens, do_sample=True, temperature=temperature,
-                                     top_p=top_p, generator=generator)
+        texts = rag.model.generate_text(rep, None, max_new_tokens, truncate=False, do_sample=True,
+                                        temperature=temperature, top_p=top_p, generator=generator)
     return [texts[i * n_samples : (i + 1) * n_samples] for i in range(len(prompts))], list(r.in_scope)
 
 

@@ -190,9 +190,7 @@ def write_document(lm: Any, chunks: Sequence[str], chunk_items: int | None = Non
         m.write(Z[lo : lo + per], ids[lo : lo + per])
         memories.append(m)
         group_of += [g] * len(ids[lo : lo + per])
-    scope = copy.copy(lm.scope)
-    scope.clear()
-    scope.add_embeddings(lm.scope.embed(chunks), ids)
+    scope = lm.scope.with_facts(lm.scope.embed(chunks), ids)
     return HierarchicalMemory(chunks, Z, memories, group_of, scope)
 
 

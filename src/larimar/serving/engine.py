@@ -11,7 +11,6 @@ embedding cache is guarded by a lock.
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -81,11 +80,9 @@ class LarimarEngine:
 
     def _scope_for(self, ids: list[str], facts: Mapping[str, str]) -> ScopeDetector:
         """A detector of this call's own holding ``ids`` (the shared one is copied, and its copy's lists rebound)."""
-        scope = copy.copy(self.lm.scope)
-        scope.clear()  # rebinds the copy's ids / embeddings: the shared detector is untouched
-        if ids:
-            scope.add_embeddings(torch.stack(self._embeddings([facts[i] for i in ids])), ids)
-        return scope
+        if not ids:
+            return self.lm.scope.with_facts()
+        return self.lm.scope.with_facts(torch.stack(self._embeddings([facts[i] for i in ids])), ids)
 
     def prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
         """The prompt's decoder tokens, whole; `PromptTooLong` when start + prompt + max_tokens exceed the window."""
