@@ -68,3 +68,22 @@ def test_default_backbones_load_offline():
     ids = dec_tok("The capital of France is", return_tensors="pt")
     out = dec.generate(**ids, max_new_tokens=2, do_sample=False)
     assert "Paris" in dec_tok.decode(out[0])
+
+
+def test_bench_edit_rejects_an_unknown_mode(capsys):
+    assert cli_main(["bench", "edit", "--modes", "oneshot,fast"]) == 2
+    assert "--modes takes oneshot, refined, rag" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_edit_times_larimar_and_rag_on_the_default_checkpoint(tmp_path, capsys):
+    out = tmp_path / "edit.json"
+    assert cli_main(["bench", "edit", "--modes", "oneshot,rag", "--out", str(out)]) == 0
+    rows = {r["mode"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"oneshot", "rag"}
+    for r in rows.values():
+        assert r["n_edits"] >= 10 and 0 < r["edit_ms_median"] <= r["edit_ms_p90"]
+        assert r["query_ms_median"] > 0 and r["plain_query_ms_median"] > 0
+    # Larimar's query is the prompt alone (the memory adds a latent, no text); rag's carries the retrieved sentence
+    assert rows["rag"]["query_prompt_tokens"] > rows["oneshot"]["query_prompt_tokens"] + 5
+    assert "| rag |" in capsys.readouterr().out

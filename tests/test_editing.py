@@ -452,4 +452,39 @@ def test_cli_serve_wires_the_real_engine(tmp_path, capsys, checkpoint, monkeypat
                            "larimar", "--store", str(tmp_path / "s"))
     assert code == 0, err
     assert isinstance(seen["engine"], LarimarEngine) and seen["port"] == 8123 and seen["require_keys"] is True
-    assert seen["store_path"] == str(tmp_path / "s")
+    assert seen["store_path"] == str(tmp_path / "s") and seen["limits"] is None  # serve() reads $LARIMAR_LIMITS
+    code, _, err = run_cli(capsys, "serve", "--checkpoint", str(checkpoint), "--scope-encoder", "larimar",
+                           "--store", str(tmp_path / "s"), "--limits", '{"max_concurrent_work": 1, "max_batch": 8}')
+    assert code == 0, err
+    assert seen["limits"].max_concurrent_work == 1 and seen["limits"].max_batch == 8
+    for bad in ('{"max_batch": 0}', '{"no_such_limit": 1}', "[1]", "{not json"):  # one clear line, nothing served
+        seen.clear()
+        code, _, err = run_cli(capsys, "serve", "--checkpoint", str(checkpoint), "--scope-encoder", "larimar",
+                               "--store", str(tmp_path / "s"), "--limits", bad)
+        assert code == 2 and "--limits" in err and "Traceback" not in err and not seen
+
+
+@pytest.mark.parametrize("read_mode", ["keyed", "memory", "nearest"])
+@pytest.mark.parametrize("use_scope", [True, False])
+def test_route_each_equals_routing_every_query_alone(read_mode, use_scope):
+    # a batch of queries, each against its own memory (two namespaces and an empty one), routed with one pass of
+    # each encoder, gives exactly what each query gets alone
+    lm = tiny_larimar(read_mode=read_mode, use_scope=use_scope)
+    a, b = tiny_larimar(read_mode=read_mode), tiny_larimar(read_mode=read_mode)
+    a.edit(["The capital of Zubrowka is Lutz.", "Halvard Stenberg plays the cello."])
+    b.edit(["The CEO of Northwind is Maria Okafor.", "Project Bluebird was cancelled in March."])
+    empty = tiny_larimar(read_mode=read_mode)
+    targets = [(a.memory, a.scope), (b.memory, b.scope), (a.memory, a.scope), (empty.memory, empty.scope),
+               (b.memory, b.scope)]
+    queries = ["The capital of Zubrowka is", "The CEO of Northwind is", "Who plays the cello? Stenberg plays the",
+               "The capital of Zubrowka is", "The weather today is"]
+    together = lm.route_each(targets, queries)
+    assert len(together) == len(queries)
+    for (memory, scope), q, r in zip(targets, queries, together):
+        alone = lm.route_in(memory, scope, [q])
+        assert r.in_scope == alone.in_scope and r.nearest_ids == alone.nearest_ids
+        assert torch.allclose(r.latents, alone.latents, atol=1e-5)
+        assert torch.allclose(r.similarities, alone.similarities, atol=1e-6, equal_nan=True)
+    assert together[0].in_scope == [True] and together[3].in_scope == [False]  # the empty memory: plain decoder
+    with pytest.raises(ValueError, match="targets"):
+        lm.route_each(targets[:2], queries)

@@ -325,6 +325,9 @@ def test_scope_sweep_rates_match_pairwise_similarities(tmp_path):
     sims = scope.score_pairs([p for p, _ in para], [f for _, f in para])
     assert rows[("prompt", 0.5)]["paraphrase"] == pytest.approx(100.0 * float((sims >= 0.5).double().mean()))
     assert rows[("prompt", 0.5)]["rewrite"] == 100.0  # a rewrite prompt is a prefix of its own fact
+    for mode, best in out["best"].items():  # the reported best is the row of highest balanced accuracy
+        assert best["balanced_accuracy"] == max(r["balanced_accuracy"] for r in out["rows"] if r["mode"] == mode)
+        assert rows[(mode, best["threshold"])]["balanced_accuracy"] == best["balanced_accuracy"]
 
 
 def test_cli_eval_scope_writes_outputs_and_rejects_missing_data(tmp_path, capsys, monkeypatch):
@@ -338,5 +341,13 @@ def test_cli_eval_scope_writes_outputs_and_rejects_missing_data(tmp_path, capsys
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert len(summary["rows"]) == 2 * 13 and summary["n_records"] == 3
     assert "| prompt | 0.60 |" in (tmp_path / "s" / "summary.md").read_text()
+    assert "best prompt: threshold" in capsys.readouterr().out
+    # --exclude drops the records of another file by case_id: the file itself leaves none, a clear error
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(json.loads(CF.read_text())[:1]))
+    assert cli_main(["eval", "scope", "--data", str(CF), "--exclude", str(one), "--out", str(tmp_path / "x")]) == 0
+    kept = json.loads((tmp_path / "x" / "summary.json").read_text())
+    assert kept["n_records"] == 2 and kept["n_excluded"] == 1
+    assert cli_main(["eval", "scope", "--data", str(CF), "--exclude", str(CF), "--out", str(tmp_path / "y")]) == 2
     assert cli_main(["eval", "scope", "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "t")]) == 2
     assert "larimar: error" in capsys.readouterr().err

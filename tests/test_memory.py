@@ -254,3 +254,44 @@ def test_cuda_matches_cpu():
     mem_gpu = mem.cuda()
     z_gpu, _, _ = mem_gpu.read(mem_gpu.write(Z.cuda()), Z.cuda())
     assert z_gpu.device.type == "cuda" and rel(z_gpu.cpu(), z_cpu) < 1e-4
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(1, 5)), min_size=1, max_size=14),
+       seed=st.integers(0, 10_000))
+def test_factored_covariance_follows_the_dense_rls(ops, seed):
+    # the factored U (pending rank-one terms, folded every K // 2 = 16 rows) against the textbook dense RLS
+    # (Kalman gain, U and M updated in full) over random writes and forgets of 1-5 items
+    mem = make()
+    g = torch.Generator().manual_seed(seed)
+    im = ItemMemory(mem)
+    s2 = mem.config.obs_noise_var
+    M, U = torch.zeros(32, 16, dtype=torch.float64), torch.eye(32, dtype=torch.float64)
+    for write, n in ops:
+        if write or len(im) < n:
+            Z = torch.randn(n, 16, generator=g, dtype=torch.float64)
+            ids, alpha = im.write(Z), 1.0
+            W = im.keys_for(Z)
+        else:
+            ids, alpha = im.ids[-n:], -1.0
+            W = torch.stack([im._w[i] for i in ids])
+            Z = torch.stack([im.latent(i) for i in ids])
+            im.forget(ids)
+        S = (s2 / alpha) * torch.eye(len(ids), dtype=torch.float64) + W @ U @ W.T
+        G = U @ W.T @ torch.linalg.inv(S)  # (K, n) gain
+        M, U = M + G @ (Z - W @ M), U - G @ W @ U
+        # (an emptied memory has M = 0: the error is measured against 1 + |reference|)
+        assert (im.M - M).norm() < 1e-8 * (1 + M.norm()) and (im.U - U).norm() < 1e-8 * U.norm()
+    assert torch.allclose(im.U, im.U.T, atol=1e-12)
+
+
+def test_dense_state_round_trips_through_the_factored_covariance():
+    mem = make()
+    im = ItemMemory(mem)
+    ids = im.write(torch.randn(20, 16, dtype=torch.float64))  # 20 rows > K // 2: folded into the dense part
+    im.forget(ids[:3])
+    back = ItemMemory.from_state_tensors(mem, im.state_tensors(), im.ids)
+    assert torch.equal(back.U, im.U) and torch.equal(back.M, im.M)
+    z = torch.randn(1, 16, dtype=torch.float64)
+    im.write(z, ids=["x"]), back.write(z, ids=["x"])
+    assert rel(back.U, im.U) < 1e-12 and rel(back.M, im.M) < 1e-12

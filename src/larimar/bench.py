@@ -150,62 +150,87 @@ BENCH_FACTS: tuple[tuple[str, str], ...] = (
 """Fact sentences (fictional or counterfactual) and an in-scope prompt for each."""
 
 
+EDIT_MODES = ("oneshot", "refined", "rag")
+"""`bench_edit` modes: Larimar with one-shot or refined latents, and retrieval of the fact into the prompt."""
+
+
 def bench_edit(
     checkpoint: str | None = None,
     device: str = "cpu",
-    modes: tuple[str, ...] = ("oneshot", "refined"),
+    modes: tuple[str, ...] = EDIT_MODES,
     query_tokens: int = 8,
     repeats: int = 1,
 ) -> list[dict]:
-    """Times the editor's public calls on the shipped (or given) checkpoint.
+    """Times the public calls of each method on the shipped (or given) checkpoint.
 
-    Per mode ("oneshot": ``Refinement(steps=0)``; "refined": the default refinement), single-fact edits through
-    ``Larimar.edit`` (the whole call: parse, encode, refine, write, scope insert) into one growing memory, then
-    greedy queries of ``query_tokens`` tokens through ``Larimar.ask`` (the whole call: scope, encode, read,
-    decode) against the same generation by the plain decoder (z = 0, no scope or encoder).
+    Per mode, single-fact edits into one growing memory, then greedy queries of ``query_tokens`` tokens, against
+    the same generation by the plain decoder (z = 0, no scope or encoder):
+
+    - "oneshot" (``Refinement(steps=0)``) and "refined" (the default refinement): ``Larimar.edit`` (the whole call:
+      parse, encode, refine, write, scope insert) and ``Larimar.ask`` (scope, encode, read, decode);
+    - "rag": `larimar.eval.editors.RagEditor` on the same scope detector: the edit is the index insert (embed +
+      add), the query retrieves the nearest fact and decodes it + the prompt with the plain decoder.
 
     Returns:
-        rows ``{mode, n_edits, edit_ms_median, edit_ms_p90, query_ms_median, plain_query_ms_median, ratio}``.
+        rows ``{mode, n_edits, edit_ms_median, edit_ms_p90, query_ms_median, plain_query_ms_median, ratio,
+        query_prompt_tokens}`` (the last: mean decoder input tokens of a query).
     """
     from larimar.editor import Larimar, Refinement
+    from larimar.eval.editors import RagEditor, decoder_prompt_tokens
 
     rows = []
     for mode in modes:
-        refinement = Refinement(steps=0) if mode == "oneshot" else Refinement()
+        if mode not in EDIT_MODES:
+            raise ValueError(f"modes must be among {EDIT_MODES}, got {mode!r}")
+        refinement = Refinement() if mode == "refined" else Refinement(steps=0)
         lm = Larimar.from_pretrained(checkpoint, device=device, refinement=refinement)
         dev = lm.model.device
         lm.edit(["Warm-up facts are written before the timing starts."])  # loads the scope encoder, warms kernels
         lm.ask(["Warm-up facts are"], max_new_tokens=2)
+        if mode == "rag":
+            rag = RagEditor(lm)
+            edit = lambda fact: rag.edit([fact])  # noqa: E731
+            ask = lambda prompt: rag.generate([prompt], query_tokens)  # noqa: E731
+            tokens = lambda prompts: rag.prompt_tokens(prompts)  # noqa: E731
+            reset = rag.reset
+        else:
+            edit = lambda fact: lm.edit([fact])  # noqa: E731
+            ask = lambda prompt: lm.ask([prompt], max_new_tokens=query_tokens)  # noqa: E731
+            tokens = lambda prompts: decoder_prompt_tokens(lm.model, prompts)  # noqa: E731
+            reset = lm.reset
         edits, queries, plain = [], [], []
         for _ in range(repeats):
-            lm.reset()
+            reset()
             for fact, _ in BENCH_FACTS:
-                edits.append(_once_ms(lambda: lm.edit([fact]), dev))
+                edits.append(_once_ms(lambda: edit(fact), dev))
             for _, prompt in BENCH_FACTS:
-                queries.append(_once_ms(lambda: lm.ask([prompt], max_new_tokens=query_tokens), dev))
+                queries.append(_once_ms(lambda: ask(prompt), dev))
                 plain.append(_once_ms(lambda: lm.model.generate_text([prompt], None, max_new_tokens=query_tokens),
                                       dev))
         q = statistics.median(queries)
         p = statistics.median(plain)
+        n_tokens = tokens([prompt for _, prompt in BENCH_FACTS])
         rows.append({"mode": mode, "device": str(dev), "n_edits": len(edits),
                      "edit_ms_median": statistics.median(edits),
                      "edit_ms_p90": statistics.quantiles(edits, n=10)[-1] if len(edits) > 1 else edits[0],
                      "query_tokens": query_tokens, "query_ms_median": q, "plain_query_ms_median": p,
-                     "ratio": q / p, "torch_threads": torch.get_num_threads()})
+                     "ratio": q / p, "query_prompt_tokens": statistics.mean(n_tokens),
+                     "torch_threads": torch.get_num_threads()})
     return rows
 
 
 def format_edit_table(rows: list[dict]) -> str:
     """A markdown table of `bench_edit` rows."""
-    lines = ["| mode | edits | edit ms median | edit ms p90 | query ms median | plain query ms median | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| mode | edits | edit ms median | edit ms p90 | query ms median | plain query ms median | ratio | "
+             "query prompt tokens |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['n_edits']} | {r['edit_ms_median']:.1f} | {r['edit_ms_p90']:.1f} | "
-                     f"{r['query_ms_median']:.1f} | {r['plain_query_ms_median']:.1f} | {r['ratio']:.2f} |")
+                     f"{r['query_ms_median']:.1f} | {r['plain_query_ms_median']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['query_prompt_tokens']:.1f} |")
     return "\n".join(lines)
 
 
 def run_edit_bench(checkpoint: str | None = None, device: str = "cpu", out: str | None = None,
-                   repeats: int = 1, modes: tuple[str, ...] = ("oneshot", "refined")) -> list[dict]:
+                   repeats: int = 1, modes: tuple[str, ...] = EDIT_MODES) -> list[dict]:
     """Runs `bench_edit`, prints the table and optionally writes the rows as JSON."""
     return _report(bench_edit(checkpoint, device, modes, repeats=repeats), format_edit_table, out)

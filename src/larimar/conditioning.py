@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -263,6 +264,8 @@ class LatentDecoder(nn.Module):
             self.emb_proj.weight.zero_()
         self.kv_proj.to(w.device, w.dtype)
         self.emb_proj.to(w.device, w.dtype)
+        # HF causal LMs of transformers >= 4.45 can project only the last positions to the vocabulary
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @property
     def embedding(self) -> nn.Embedding:
@@ -300,7 +303,8 @@ class LatentDecoder(nn.Module):
         return cache, slot_mask
 
     def step(
-        self, input_ids: Tensor, latent: Tensor, full_mask: Tensor, position_ids: Tensor, cache: DynamicCache
+        self, input_ids: Tensor, latent: Tensor, full_mask: Tensor, position_ids: Tensor, cache: DynamicCache,
+        last_only: bool = False,
     ) -> Tensor:
         """One forward of new tokens through a latent cache (from `latent_cache`), extending it.
 
@@ -310,19 +314,23 @@ class LatentDecoder(nn.Module):
             full_mask: (B, 1 + past + t): the slot mask, then the mask of every token seen so far.
             position_ids: positions (B, t) of the new tokens.
             cache: the cache, updated in place.
+            last_only: project only the last position to the vocabulary (a generation prefill: the (t, V) head
+                product is most of a short prompt's cost), where the decoder supports ``logits_to_keep``.
 
         Returns:
-            logits (B, t, V).
+            logits (B, t, V), or (B, 1, V) with ``last_only``.
         """
         embeds = self.embedding(input_ids) + self.emb_proj(latent).unsqueeze(1)  # (B, t, hidden)
         # a gated LoRA acts on rows with a memory slot only (z = 0 rows: the plain decoder); the gate is this
         # call's (a context variable), not an attribute of the shared modules
         gate = full_mask[:, :1, None].to(embeds.dtype) if gated_lora(self.model) else None  # (B, 1, 1)
+        extra = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}
         with lora_gate(gate):
             out = self.model(
-                inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, cache=cache, use_cache=True
+                inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, cache=cache, use_cache=True,
+                **extra,
             )
-        return out.logits
+        return out.logits[:, -1:] if last_only else out.logits
 
     def prefill_plain(self, input_ids: Tensor) -> tuple[DynamicCache, Tensor, Tensor]:
         """Runs one context (1, P) through the plain decoder (z = 0), to continue many rows from it with `step`.
@@ -408,7 +416,8 @@ class LatentDecoder(nn.Module):
         out: list[Tensor] = []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         cache, slot_mask = self.latent_cache(latent)
-        logits = self.step(seq, latent, torch.cat([slot_mask, mask], 1), positions_from_mask(mask), cache)[:, -1]
+        logits = self.step(seq, latent, torch.cat([slot_mask, mask], 1), positions_from_mask(mask), cache,
+                           last_only=True)[:, -1]
         for _ in range(max_new_tokens):
             nxt = next_token(logits.float(), do_sample, temperature, top_p, generator)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)

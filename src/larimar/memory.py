@@ -34,6 +34,7 @@ Pseudo-inverses are computed by one of three solvers (`larimar.solvers`), all di
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -334,6 +335,11 @@ class ItemMemory:
     State in float64: M (K, C) starts at 0, the row covariance U (K, K) at I. Keys are computed once per item
     against a frozen copy of the prior mean M0 and kept with the item, so forgetting undoes exactly the write.
 
+    U is kept factored: a dense part U0 (the identity until first folded) minus one rank-one term per update since,
+    U = U0 - sum_i s_i a_i a_i^T, so an update costs O(m K) for m pending terms instead of the O(K^2) of a dense U
+    (a memory of a few facts never builds its K x K matrix); the terms are folded into U0 (one GEMM) once there are
+    K // 2 of them. ``U`` returns the dense matrix.
+
     Args:
         memory: the module whose prior mean (frozen here) and config are used.
         device: where the state lives (default: the module's device).
@@ -346,7 +352,13 @@ class ItemMemory:
         K, C = self.config.num_slots, self.config.code_size
         self.M_ref = memory.M0.detach().to(dev, torch.float64).clone()  # (K, C) frozen reference for keys
         self.M = torch.zeros(K, C, dtype=torch.float64, device=dev)  # (K, C)
-        self.U = torch.eye(K, dtype=torch.float64, device=dev)  # (K, K)
+        # U (K, K) = U0 - A^T diag(sign) A: a dense part (None: the identity) plus the rows of the updates since
+        # (one row per written / forgotten item); folded into U0 once there are K // 2 rows
+        self._U0: Tensor | None = None
+        self._A = torch.zeros(0, K, dtype=torch.float64, device=dev)  # (capacity, K); rows [:_m] are used
+        self._sign = torch.zeros(0, dtype=torch.float64, device=dev)  # (capacity,) +1 write, -1 forget
+        self._m = 0
+        self._max_rows = max(1, K // 2)
         # keys are linear in z: W = Z P with P = I M_ref^+ (C, K), factored once (shared with the module's cache)
         with torch.no_grad():  # the keys never carry gradients
             P = memory.key_operator(torch.float64)
@@ -384,27 +396,78 @@ class ItemMemory:
         """Keys W (n, K) = Z M_ref^+ of latents Z (n, C) against the frozen reference memory."""
         return Z @ self._key_op  # (n, K)
 
+    @property
+    def U(self) -> Tensor:
+        """The row covariance (K, K), dense (a new tensor: the state is kept factored, see the class)."""
+        K = self.config.num_slots
+        U = self._U0.clone() if self._U0 is not None else torch.eye(K, dtype=torch.float64, device=self.device)
+        if self._m:
+            A = self._A[: self._m]  # (m, K)
+            U.sub_(A.T @ (self._sign[: self._m, None] * A))
+        return U
+
+    @U.setter
+    def U(self, value: Tensor) -> None:
+        self._U0 = value.to(self.device, torch.float64).clone()
+        self._m = 0
+
+    def _times_U(self, W: Tensor) -> Tensor:
+        """W U (n, K) for rows W (n, K), from the factored U (U symmetric)."""
+        WU = W.clone() if self._U0 is None else W @ self._U0  # (n, K)
+        if self._m:
+            A = self._A[: self._m]  # (m, K)
+            WU.sub_(((W @ A.T) * self._sign[: self._m]) @ A)  # (n, m) (m, K)
+        return WU
+
+    def _add_terms(self, B: Tensor, sign: float) -> None:
+        """U -= sign * B^T B for rows B (n, K): appended as pending terms, or folded into U0 when they overflow."""
+        n, K = B.shape
+        if self._m + n > self._max_rows:
+            U = self.U  # fold the pending terms and these rows into the dense part
+            U.sub_(B.T @ B, alpha=sign)
+            self._U0 = 0.5 * (U + U.T)  # symmetric up to rounding
+            self._m = 0
+            return
+        if self._m + n > self._A.shape[0]:  # grow the row buffer (doubling, capped)
+            cap = min(self._max_rows, max(16, 2 * (self._m + n)))
+            A = torch.zeros(cap, K, dtype=torch.float64, device=self.device)
+            sgn = torch.zeros(cap, dtype=torch.float64, device=self.device)
+            A[: self._m], sgn[: self._m] = self._A[: self._m], self._sign[: self._m]
+            self._A, self._sign = A, sgn
+        self._A[self._m : self._m + n] = B
+        self._sign[self._m : self._m + n] = sign
+        self._m += n
+
     def _update(self, W: Tensor, Z: Tensor, alpha: float) -> None:
         """Kalman-gain RLS step with keys W (n, K), items Z (n, C), alpha = +1 write / -1 forget.
 
-        M and U are updated in place; one item is a rank-one update: with u = U w and s = s2 / alpha + w . u,
-        M += (u / s) (z - w M) and U -= (u / s) u^T (`torch.addr_`, no (n, n) or (K, K) temporaries).
+        With WU = W U and S = s2 / alpha I + WU W^T (n, n): M += (S^-1 WU)^T (Z - W M) and
+        U -= WU^T S^-1 WU. alpha S is positive definite for a write and for forgetting written items; with its
+        Cholesky factor L the U update is the n rank-one terms of B = L^-1 WU (U -= alpha B^T B). One item:
+        u = U w, s = s2 / alpha + w . u, M += (u / s) (z - w M), U -= u u^T / s.
+
+        Raises:
+            ValueError: alpha S is not positive definite (items that were never written; nothing is changed).
         """
         s2 = self.config.obs_noise_var
         n = W.shape[0]
+        WU = self._times_U(W)  # (n, K)
         if n == 1:
-            w = W[0]  # (K,)
-            wu = w @ self.U  # (K,) = U w, U symmetric
-            g = wu / (torch.dot(wu, w) + s2 / alpha)  # (K,) Kalman gain
-            self.M.addr_(g, Z[0] - w @ self.M)  # (K, C)
-            self.U.addr_(g, wu, alpha=-1.0)  # (K, K)
+            w, u = W[0], WU[0]  # (K,)
+            s = float(torch.dot(u, w)) + s2 / alpha
+            if not alpha * s > 0:
+                raise ValueError("the memory update is not positive definite (an item that was never written?)")
+            self.M.addr_(u, Z[0] - w @ self.M, alpha=1.0 / s)  # (K, C)
+            self._add_terms((u / math.sqrt(alpha * s))[None], alpha)
             return
-        WU = W @ self.U  # (n, K)
         S = (s2 / alpha) * torch.eye(n, dtype=torch.float64, device=self.device) + WU @ W.T  # (n, n)
-        Gt = torch.linalg.solve(S, WU)  # (n, K) = (U W^T S^-1)^T, U and S symmetric
+        L, info = torch.linalg.cholesky_ex(alpha * 0.5 * (S + S.T))
+        if int(info) != 0:
+            raise ValueError("the memory update is not positive definite (items that were never written?)")
+        B = torch.linalg.solve_triangular(L, WU, upper=False)  # (n, K) = L^-1 WU
+        Gt = alpha * torch.cholesky_solve(WU, L)  # (n, K) = S^-1 WU
         self.M.addmm_(Gt.T, Z - W @ self.M)  # (K, C)
-        self.U.addmm_(Gt.T, WU, alpha=-1.0)  # (K, K)
-        self.U.copy_(0.5 * (self.U + self.U.T))  # a block update is symmetric only up to rounding
+        self._add_terms(B, alpha)
 
     def _as_items(self, Z: Tensor) -> Tensor:
         C = self.config.code_size
@@ -524,7 +587,8 @@ class ItemMemory:
         dev = im.device
         if not torch.equal(tensors["M_ref"].to(dev, torch.float64), im.M_ref):
             raise ValueError("memory state was written with another prior mean M0 (a different checkpoint)")
-        im.M, im.U = (tensors[k].to(dev, torch.float64).clone() for k in ("M", "U"))
+        im.M = tensors["M"].to(dev, torch.float64).clone()
+        im.U = tensors["U"]  # the dense part (copied by the setter)
         for i, item_id in enumerate(ids):
             im._z[item_id] = tensors["Z"][i].to(dev, torch.float64)
             im._w[item_id] = tensors["W"][i].to(dev, torch.float64)

@@ -293,7 +293,19 @@ class ScopeDetector:
         if self._embeddings is None:
             return torch.full((len(queries),), float("-inf")), [None] * len(queries)
         texts, owner = self._query_units(list(queries))
-        best, arg = self._best(self.embed(texts), owner, len(queries), self._embeddings)
+        return self.score_embedded(self.embed(texts), owner, len(queries))
+
+    def query_units(self, queries: list[str]) -> tuple[list[str], torch.Tensor]:
+        """The texts `score` embeds for queries under this detector's mode, and the query (S,) each belongs to
+        (to embed the queries of several detectors with the same encoder in one pass, then `score_embedded`)."""
+        return self._query_units(list(queries))
+
+    def score_embedded(self, unit_emb: torch.Tensor, owner: torch.Tensor,
+                       n_queries: int) -> tuple[torch.Tensor, list[str | None]]:
+        """`score` from the embeddings (S, D) of `query_units` and their owners (S,) in 0 .. n_queries - 1."""
+        if self._embeddings is None:
+            return torch.full((n_queries,), float("-inf")), [None] * n_queries
+        best, arg = self._best(unit_emb, owner, n_queries, self._embeddings)
         return best, [self._ids[int(a)] for a in arg]
 
     def in_scope(self, queries: list[str]) -> list[bool]:

@@ -123,14 +123,25 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _cmd_scope(args: argparse.Namespace) -> int:
+    from larimar.editor.editor import DEFAULT_CHECKPOINT, LATENT_SCOPE_ENCODER, latent_embed_fn
+    from larimar.model import LarimarModel
     from larimar.scope import ScopeDetector
 
     loaded = load_counterfact(args.data, limit=args.limit)
     for e in loaded.errors[:5]:
         print(f"skipping record {e.index}: {e.field}: {e.message}", file=sys.stderr)
-    scope = ScopeDetector(encoder_path=args.scope_encoder, device=args.device or "cpu")
-    summary = evaluate_scope(loaded.records, scope)
-    summary.update(task="scope", data=str(args.data), limit=args.limit,
+    excluded = {r.case_id for f in args.exclude or [] for r in load_counterfact(f).records}
+    records = [r for r in loaded.records if r.case_id not in excluded]
+    if not records:
+        raise ValueError(f"{args.data}: no records left after --exclude")
+    if args.scope_encoder == LATENT_SCOPE_ENCODER:  # the checkpoint's own encoder (its latents)
+        model = LarimarModel.from_pretrained(args.checkpoint or DEFAULT_CHECKPOINT, device=args.device).eval()
+        scope = ScopeDetector(embed_fn=latent_embed_fn(model))
+    else:
+        scope = ScopeDetector(encoder_path=args.scope_encoder, device=args.device or "cpu")
+    summary = evaluate_scope(records, scope)
+    summary.update(task="scope", data=str(args.data), limit=args.limit, exclude=args.exclude or [],
+                   n_excluded=len(loaded.records) - len(records),
                    scope_encoder=args.scope_encoder or "all-MiniLM-L6-v2",
                    date=now_utc(), machine=machine_info())
     d = Path(args.out)
@@ -143,6 +154,9 @@ def _cmd_scope(args: argparse.Namespace) -> int:
            for r in summary["rows"]]
     (d / "summary.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     print("\n".join(md[2:]))
+    for mode, b in summary["best"].items():
+        print(f"best {mode}: threshold {b['threshold']:.2f} (balanced accuracy {fmt_pct(b['balanced_accuracy'])}) "
+              f"on {summary['n_records']} records ({summary['n_excluded']} excluded)")
     return 0
 
 
@@ -179,8 +193,12 @@ def add_eval(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     sc = esub.add_parser("scope", help="scope-detector threshold sweep on CounterFact records")
     sc.add_argument("--data", required=True, help="CounterFact records (ROME or EasyEdit format)")
     sc.add_argument("--limit", type=int, default=None, help="the first N records of the file")
+    sc.add_argument("--exclude", action="append", metavar="FILE",
+                    help="drop records whose case_id is in this CounterFact file (e.g. the evaluated one; repeatable)")
     sc.add_argument("--out", required=True, help="output folder (summary.json, summary.md)")
-    sc.add_argument("--scope-encoder", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)")
+    sc.add_argument("--scope-encoder", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2), "
+                    "or 'larimar' for the latents of the checkpoint's own encoder")
+    sc.add_argument("--checkpoint", default=None, help="with --scope-encoder larimar: the checkpoint (default: shipped)")
     sc.add_argument("--device", default=None)
     sc.set_defaults(func=_cmd_scope)
     r = esub.add_parser("reconstruct", help="block reconstruction through memory, and WikiText perplexity")

@@ -213,8 +213,20 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from larimar.serving.service import serve
 
+    from larimar.serving.work import ServiceLimits
+
+    limits = None  # serve() reads $LARIMAR_LIMITS
+    try:
+        if args.limits:
+            fields = json.loads(args.limits)
+            if not isinstance(fields, dict):
+                raise ValueError("a JSON object is expected")
+            limits = ServiceLimits(**fields)
+    except (ValueError, TypeError) as err:  # bad JSON, unknown field, out-of-range value
+        raise UsageError(f"--limits: {err}") from None
     engine = _engine(args)
-    serve(host=args.host, port=args.port, store_path=args.store, engine=engine, require_keys=not args.no_keys)
+    serve(host=args.host, port=args.port, store_path=args.store, engine=engine, limits=limits,
+          require_keys=not args.no_keys)
     return 0
 
 
@@ -332,6 +344,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-keys", action="store_true", help="serve without API keys (loopback use only)")
+    p.add_argument("--limits", default=None, metavar="JSON",
+                   help="request and work limits, a JSON object of ServiceLimits fields, e.g. "
+                        "'{\"max_concurrent_work\": 1, \"max_batch\": 16, \"batch_window_ms\": 5}' "
+                        "(default: $LARIMAR_LIMITS, else the defaults)")
     _model_and_store(p)
     p.set_defaults(func=_guard(_cmd_serve))
 

@@ -21,13 +21,13 @@ def _cmd_bench_memory(args: argparse.Namespace) -> int:
 def _cmd_bench_edit(args: argparse.Namespace) -> int:
     import torch
 
-    from larimar.bench import run_edit_bench
+    from larimar.bench import EDIT_MODES, run_edit_bench
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     modes = tuple(m for m in args.modes.split(",") if m)
-    if not modes or any(m not in ("oneshot", "refined") for m in modes):
-        raise UsageError(f"--modes takes oneshot and / or refined, got {args.modes!r}")
+    if not modes or any(m not in EDIT_MODES for m in modes):
+        raise UsageError(f"--modes takes {', '.join(EDIT_MODES)} (comma-separated), got {args.modes!r}")
     run_edit_bench(args.checkpoint, args.device, args.out, args.repeats, modes)
     return EXIT_OK
 
@@ -50,7 +50,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     e = bsub.add_parser("edit", help="time whole edit() and ask() calls, one-shot and refined, against the plain decoder")
     e.add_argument("--checkpoint", default=None, help="Larimar checkpoint folder (default: the shipped one)")
     e.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    e.add_argument("--modes", default="oneshot,refined", help="oneshot and / or refined, comma-separated")
+    e.add_argument("--modes", default="oneshot,refined,rag",
+                   help="comma-separated: oneshot, refined (Larimar) and rag (the fact retrieved into the prompt)")
     e.add_argument("--repeats", type=int, default=1, help="passes over the 12 benchmark facts")
     e.add_argument("--out", help="write the rows as JSON to this file")
     e.set_defaults(func=_cmd_bench_edit)

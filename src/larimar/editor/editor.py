@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from larimar.editor.files import read_memory_state, save_memory_state
-from larimar.editor.read import Routing, check_read_mode, route
+from larimar.editor.read import Routing, check_read_mode, route, route_each
 from larimar.editor.refine import Refinement, refine_latents, refinement_targets
 from larimar.facts import (
     MAX_TEXT_CHARS,
@@ -347,6 +347,15 @@ class Larimar:
                   encode_texts=encode)
         r.latents = r.latents.to(self.model.device)
         return r
+
+    def route_each(self, targets: Sequence[tuple[ItemMemory, ScopeDetector]], queries: list[str]) -> list[Routing]:
+        """`route_in` of each query against its own (memory, scope detector), the encoders run once for all
+        (`larimar.editor.read.route_each`; "prompt" scope mode)."""
+        routes = route_each(self.model.encode_texts, targets, queries, read_mode=self.read_mode,
+                            use_scope=self.use_scope, threshold=self.scope_threshold)
+        for r in routes:
+            r.latents = r.latents.to(self.model.device)
+        return routes
 
     def read_latent(self, prompts: str | Sequence[str]) -> tuple[Tensor, list[bool], Tensor]:
         """Latents for prompts, scope decided from the prompt alone.

@@ -16,7 +16,7 @@ Per query (`route`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,3 +119,60 @@ def route(
             zq = encode([texts[q] for q in rows]).to(memory.device, torch.float32)  # (R, C)
         latents[rows] = read_at(memory, read_mode, [nearest[q] for q in rows], zq).to(latents.device)
     return Routing(latents, in_scope, sims, list(nearest))
+
+
+@torch.inference_mode()
+def route_each(
+    encode: Callable[[list[str]], Tensor],
+    targets: Sequence[tuple[ItemMemory, ScopeDetector]],
+    queries: list[str],
+    *,
+    read_mode: str = "keyed",
+    use_scope: bool = True,
+    threshold: float = 0.6,
+) -> list[Routing]:
+    """`route` of Q queries, query q against its own (memory, scope detector) ``targets[q]`` (service namespaces),
+    with ONE scope-encoder pass over every query and ONE Larimar-encoder pass over the in-scope ones (each encoder
+    forward costs about the same for one text as for a batch on a CPU). The detectors must share one encoder and
+    mode (`ScopeDetector.with_facts` copies). Each query decides scope on itself ("prompt" mode).
+
+    Returns:
+        Q `Routing`s of one query each, equal to ``route(encode, *targets[q], [queries[q]], ...)``.
+    """
+    Q = len(queries)
+    if len(targets) != Q:
+        raise ValueError(f"got {len(targets)} targets for {Q} queries")
+    out: list[Routing | None] = [None] * Q
+    live = [q for q in range(Q) if len(targets[q][0])]  # queries whose memory holds facts
+    for q in range(Q):
+        if q not in live:
+            out[q] = route(encode, targets[q][0], targets[q][1], [queries[q]], read_mode=read_mode,
+                           use_scope=use_scope, threshold=threshold)  # empty memory: no model work
+    if not live:
+        return out  # type: ignore[return-value]
+    sims: dict[int, Tensor] = {}
+    nearest: dict[int, str | None] = {}
+    if use_scope or read_mode != "memory":
+        first = targets[live[0]][1].with_mode("prompt")
+        texts, owner = first.query_units([queries[q] for q in live])
+        unit_emb = first.embed(texts)  # (S, D), one pass for every query
+        for k, q in enumerate(live):
+            s, n = targets[q][1].with_mode("prompt").score_embedded(unit_emb[owner == k], torch.zeros(
+                int((owner == k).sum()), dtype=torch.long), 1)
+            sims[q], nearest[q] = s, n[0]
+    else:
+        sims = {q: torch.full((1,), float("nan")) for q in live}
+        nearest = {q: None for q in live}
+    in_scope = {q: (bool(sims[q][0] >= threshold) if use_scope else True) for q in live}
+    rows = [q for q in live if in_scope[q]]
+    zq = None
+    if rows and read_mode != "nearest":
+        zq = encode([queries[q] for q in rows]).float()  # (R, C), one pass for every in-scope query
+    for q in live:
+        memory = targets[q][0]
+        latent = torch.zeros(1, memory.memory.config.code_size, dtype=torch.float32, device=memory.device)
+        if in_scope[q]:
+            z = None if zq is None else zq[rows.index(q)][None].to(memory.device)
+            latent = read_at(memory, read_mode, [nearest[q]], z).to(latent.device)  # type: ignore[list-item]
+        out[q] = Routing(latent, [in_scope[q]], sims[q], [nearest[q]])
+    return out  # type: ignore[return-value]

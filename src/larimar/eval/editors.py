@@ -291,7 +291,6 @@ def decoder_prompt_tokens(model: Any, prompts: Sequence[str]) -> list[int]:
     return [1 + len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
 
 
-@torch.inference_mode()
 @dataclass
 class RagRouting:
     """Where each of Q queries goes under `RagEditor`.

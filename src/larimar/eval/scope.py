@@ -27,8 +27,9 @@ def evaluate_scope(records: Sequence[EditRequest], scope: Any,
         thresholds: the thresholds (in scope: similarity >= threshold).
 
     Returns:
-        ``{"n_records", "rows": [{mode, threshold, rewrite, paraphrase, neighborhood, balanced_accuracy}]}``
-        with in-scope rates in percent; balanced accuracy counts rewrite and paraphrase prompts as positives.
+        ``{"n_records", "rows": [{mode, threshold, rewrite, paraphrase, neighborhood, balanced_accuracy}],
+        "best": {mode: {threshold, balanced_accuracy}}}`` with in-scope rates in percent; balanced accuracy counts
+        rewrite and paraphrase prompts as positives; ``best`` is each mode's threshold of highest balanced accuracy.
     """
     queries: list[str] = []
     facts: list[str] = []
@@ -55,4 +56,10 @@ def evaluate_scope(records: Sequence[EditRequest], scope: Any,
             if pos.numel() and neg.numel():
                 bal = 50.0 * ((pos >= t).double().mean().item() + (neg < t).double().mean().item())
             rows.append({"mode": mode, "threshold": float(t), **rates, "balanced_accuracy": bal})
-    return {"n_records": len(records), "rows": rows}
+    best = {}  # per mode, the threshold of the highest balanced accuracy (the lowest such threshold on ties)
+    for mode in ("prompt", "prompt_answer"):
+        scored = [r for r in rows if r["mode"] == mode and r["balanced_accuracy"] is not None]
+        if scored:
+            top = max(scored, key=lambda r: (r["balanced_accuracy"], -r["threshold"]))
+            best[mode] = {"threshold": top["threshold"], "balanced_accuracy": top["balanced_accuracy"]}
+    return {"n_records": len(records), "rows": rows, "best": best}

@@ -113,7 +113,8 @@ class LarimarEngine:
     def complete_batch(self, items: Sequence[CompletionItem]) -> list[tuple[str, dict[str, Any]] | Exception]:
         """Completions of several prompts, each against its own memory, decoded together (dynamic batching).
 
-        Each item is routed alone against its memory and scope (its latent, cheap); then the items with the same
+        The items are routed together (`Larimar.route_each`: one scope-encoder and one encoder pass for the batch,
+        then each item's read against its own memory and scope); then the items with the same
         sampling settings (greedy together, sampled ones with the same temperature and top_p) are decoded in ONE
         `generate` over their left-padded prompts with per-row latents (B, C) and the group's largest max_tokens,
         and each row is cut at its own max_tokens, then at EOS. A greedy answer equals the one given alone (left
@@ -127,15 +128,20 @@ class LarimarEngine:
         model = lm.model
         out: list[tuple[str, dict[str, Any]] | Exception | None] = [None] * len(items)
         groups: dict[tuple[bool, float, float], list[tuple[int, str, int, Any]]] = {}
+        valid: list[tuple[int, str, int, tuple[ItemMemory, ScopeDetector]]] = []
         for k, it in enumerate(items):
             try:
                 prompt = lm.check_prompts(it.prompt)[0]
                 n_tokens = len(self.prompt_ids(prompt, it.max_tokens))
                 scope = self._scope_for(it.memory.ids, it.facts) if len(it.memory) else lm.scope
-                r = lm.route_in(it.memory, scope, [prompt])
             except ValueError as err:
                 out[k] = err
                 continue
+            valid.append((k, prompt, n_tokens, (it.memory, scope)))
+        # every prompt of the batch through each encoder once, then each read against its own memory
+        routes = lm.route_each([t for _, _, _, t in valid], [p for _, p, _, _ in valid]) if valid else []
+        for (k, prompt, n_tokens, _), r in zip(valid, routes):
+            it = items[k]
             sample = it.temperature > 0
             key = (True, max(float(it.temperature), MIN_TEMPERATURE), float(it.top_p)) if sample else (False, 0.0, 1.0)
             groups.setdefault(key, []).append((k, prompt, n_tokens, r))

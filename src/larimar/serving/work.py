@@ -170,9 +170,10 @@ class Batcher:
     """Dynamic batching of completions: requests arriving within ``window`` seconds (at most ``max_batch``) share
     one ``engine.complete_batch`` call.
 
-    No thread of its own: the oldest waiting request's thread leads. It waits up to ``window`` s for more (less if
-    ``max_batch`` are waiting), takes up to ``max_batch`` of them, takes one model slot of the `WorkGate` for the
-    whole batch, holds the read locks of every namespace the batch reads (in name order, so two batches never wait
+    No thread of its own: the oldest waiting request's thread leads. It first takes one model slot of the
+    `WorkGate` for the whole batch (requests arriving while the model is busy keep waiting and join), then waits up
+    to ``window`` s for more (less if ``max_batch`` are waiting), takes up to ``max_batch`` of them, holds the read
+    locks of every namespace the batch reads (in name order, so two batches never wait
     on each other) while the engine runs, and hands each request its answer. Every request was admitted to the
     gate by its own thread (so the 503 bound counts requests, not batches).
     """
@@ -191,35 +192,51 @@ class Batcher:
 
     def submit(self, job: Job) -> tuple[str, dict[str, Any]]:
         """Runs ``job`` in a batch (led by this thread or another); returns (text, info) or raises its error."""
-        batch: list[Job] | None = None
         with self._cond:
             self._pending.append(job)
             if len(self._pending) >= self.max_batch:
                 self._cond.notify_all()
-            while not job.done:
-                if not self._collecting and self._pending and self._pending[0] is job:
-                    self._collecting = True  # this thread leads the next batch
-                    deadline = time.monotonic() + self.window
-                    while len(self._pending) < self.max_batch:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cond.wait(left)
-                    batch = self._pending[: self.max_batch]
-                    del self._pending[: self.max_batch]
-                    self._collecting = False
-                    self._cond.notify_all()  # the oldest of those left leads the next batch
-                    break
-                self._cond.wait()
-        if batch is not None:
-            self._run(batch)
+            while not job.done and not (not self._collecting and self._pending and self._pending[0] is job):
+                self._cond.wait()  # taken into a running batch, or another thread leads the next one
+            leads = not job.done
+            if leads:
+                self._collecting = True
+        if leads:
+            self._lead(job)
         if isinstance(job.result, BaseException):
             raise job.result
         return job.result
 
+    def _lead(self, job: Job) -> None:
+        """Leads the next batch, ``job`` first: waits for a model slot, then for ``window`` s (or ``max_batch``
+        jobs), takes the batch and runs it. Requests arriving while the model is busy wait in ``_pending`` and
+        join this batch, so a busy server decodes large batches instead of several small ones."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.gate.slot())
+            except BaseException:  # no slot in time (503): this job fails alone, the next oldest leads
+                with self._cond:
+                    self._collecting = False
+                    self._pending.remove(job)
+                    self._cond.notify_all()
+                raise
+            with self._cond:
+                deadline = time.monotonic() + self.window
+                while len(self._pending) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                self._collecting = False
+                self._cond.notify_all()  # the oldest of those left leads the next batch
+            self._run(batch)
+
     def _run(self, batch: list[Job]) -> None:
+        """Runs a batch (the caller holds its model slot) and hands each job its result."""
         try:
-            with self.gate.slot(), contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack:
                 views: dict[str, tuple[ItemMemory, dict[str, str]]] = {}
                 for ns in sorted({j.namespace for j in batch if j.namespace is not None}):
                     memory, texts = stack.enter_context(self.store.reading(ns))
