@@ -335,10 +335,11 @@ class ItemMemory:
     State in float64: M (K, C) starts at 0, the row covariance U (K, K) at I. Keys are computed once per item
     against a frozen copy of the prior mean M0 and kept with the item, so forgetting undoes exactly the write.
 
-    U is kept factored: a dense part U0 (the identity until first folded) minus one rank-one term per update since,
-    U = U0 - sum_i s_i a_i a_i^T, so an update costs O(m K) for m pending terms instead of the O(K^2) of a dense U
-    (a memory of a few facts never builds its K x K matrix); the terms are folded into U0 (one GEMM) once there are
-    K // 2 of them. ``U`` returns the dense matrix.
+    M and U are kept factored: dense parts M0, U0 (zeros and the identity until first folded) plus one rank-one
+    term per item written or forgotten since, M = M0 + sum_i g_i r_i^T and U = U0 - sum_i s_i a_i a_i^T, so an
+    update costs O(m (K + C)) for m pending terms instead of the O(K C + K^2) of dense updates (a memory of a few
+    facts never builds its K x K matrix); the terms are folded into M0, U0 (GEMMs) once there are K // 2 of them.
+    ``M`` and ``U`` return the dense matrices.
 
     Args:
         memory: the module whose prior mean (frozen here) and config are used.
@@ -351,14 +352,18 @@ class ItemMemory:
         dev = torch.device(device) if device is not None else memory.M0.device
         K, C = self.config.num_slots, self.config.code_size
         self.M_ref = memory.M0.detach().to(dev, torch.float64).clone()  # (K, C) frozen reference for keys
-        self.M = torch.zeros(K, C, dtype=torch.float64, device=dev)  # (K, C)
-        # U (K, K) = U0 - A^T diag(sign) A: a dense part (None: the identity) plus the rows of the updates since
-        # (one row per written / forgotten item); folded into U0 once there are K // 2 rows
+        self._device = dev
+        # M (K, C) = M0 + G^T R and U (K, K) = U0 - A^T diag(sign) A: dense parts (None: zeros / the identity)
+        # plus one row of G, R, A per item written or forgotten since; folded into M0, U0 at K // 2 rows
+        self._M0: Tensor | None = None
         self._U0: Tensor | None = None
-        self._A = torch.zeros(0, K, dtype=torch.float64, device=dev)  # (capacity, K); rows [:_m] are used
+        self._G = torch.zeros(0, K, dtype=torch.float64, device=dev)  # (capacity, K) gains; rows [:_m] used
+        self._R = torch.zeros(0, C, dtype=torch.float64, device=dev)  # (capacity, C) residuals
+        self._A = torch.zeros(0, K, dtype=torch.float64, device=dev)  # (capacity, K)
         self._sign = torch.zeros(0, dtype=torch.float64, device=dev)  # (capacity,) +1 write, -1 forget
         self._m = 0
         self._max_rows = max(1, K // 2)
+        self._M_cache: Tensor | None = None  # the dense M, until the next update
         # keys are linear in z: W = Z P with P = I M_ref^+ (C, K), factored once (shared with the module's cache)
         with torch.no_grad():  # the keys never carry gradients
             P = memory.key_operator(torch.float64)
@@ -373,7 +378,7 @@ class ItemMemory:
 
     @property
     def device(self) -> torch.device:
-        return self.M.device
+        return self._device
 
     @property
     def ids(self) -> list[str]:
@@ -397,6 +402,24 @@ class ItemMemory:
         return Z @ self._key_op  # (n, K)
 
     @property
+    def M(self) -> Tensor:
+        """The memory (K, C), dense (computed from the factored state once per update; do not modify it)."""
+        if self._M_cache is None:
+            K, C = self.config.num_slots, self.config.code_size
+            M = self._M0.clone() if self._M0 is not None else torch.zeros(K, C, dtype=torch.float64,
+                                                                          device=self.device)
+            if self._m:
+                M.addmm_(self._G[: self._m].T, self._R[: self._m])
+            self._M_cache = M
+        return self._M_cache
+
+    @M.setter
+    def M(self, value: Tensor) -> None:
+        U = self.U  # fold the pending terms first
+        self._M0 = value.to(self.device, torch.float64).clone()
+        self._U0, self._m, self._M_cache = U, 0, None
+
+    @property
     def U(self) -> Tensor:
         """The row covariance (K, K), dense (a new tensor: the state is kept factored, see the class)."""
         K = self.config.num_slots
@@ -408,8 +431,9 @@ class ItemMemory:
 
     @U.setter
     def U(self, value: Tensor) -> None:
+        M = self.M  # fold the pending terms first
         self._U0 = value.to(self.device, torch.float64).clone()
-        self._m = 0
+        self._M0, self._m, self._M_cache = M, 0, None
 
     def _times_U(self, W: Tensor) -> Tensor:
         """W U (n, K) for rows W (n, K), from the factored U (U symmetric)."""
@@ -419,23 +443,34 @@ class ItemMemory:
             WU.sub_(((W @ A.T) * self._sign[: self._m]) @ A)  # (n, m) (m, K)
         return WU
 
-    def _add_terms(self, B: Tensor, sign: float) -> None:
-        """U -= sign * B^T B for rows B (n, K): appended as pending terms, or folded into U0 when they overflow."""
+    def _times_M(self, W: Tensor) -> Tensor:
+        """W M (n, C) for rows W (n, K), from the factored M."""
+        if self._M_cache is not None:
+            return W @ self._M_cache
+        WM = W @ self._M0 if self._M0 is not None else W.new_zeros(W.shape[0], self.config.code_size)  # (n, C)
+        if self._m:
+            WM.addmm_(W @ self._G[: self._m].T, self._R[: self._m])  # (n, m) (m, C)
+        return WM
+
+    def _add_terms(self, G: Tensor, R: Tensor, B: Tensor, sign: float) -> None:
+        """M += G^T R and U -= sign * B^T B for rows G, B (n, K), R (n, C): appended as pending terms, or folded
+        into M0, U0 when they overflow."""
         n, K = B.shape
-        if self._m + n > self._max_rows:
-            U = self.U  # fold the pending terms and these rows into the dense part
+        self._M_cache = None
+        if self._m + n > self._max_rows:  # fold the pending terms and these rows into the dense parts
+            M, U = self.M, self.U
+            M.addmm_(G.T, R)
             U.sub_(B.T @ B, alpha=sign)
-            self._U0 = 0.5 * (U + U.T)  # symmetric up to rounding
-            self._m = 0
+            self._M0, self._U0 = M, 0.5 * (U + U.T)  # U symmetric up to rounding
+            self._m, self._M_cache = 0, None
             return
-        if self._m + n > self._A.shape[0]:  # grow the row buffer (doubling, capped)
+        if self._m + n > self._A.shape[0]:  # grow the row buffers (doubling, capped)
             cap = min(self._max_rows, max(16, 2 * (self._m + n)))
-            A = torch.zeros(cap, K, dtype=torch.float64, device=self.device)
-            sgn = torch.zeros(cap, dtype=torch.float64, device=self.device)
-            A[: self._m], sgn[: self._m] = self._A[: self._m], self._sign[: self._m]
-            self._A, self._sign = A, sgn
-        self._A[self._m : self._m + n] = B
-        self._sign[self._m : self._m + n] = sign
+            self._G, self._R, self._A, self._sign = (
+                torch.cat([t[: self._m], t.new_zeros(cap - self._m, *t.shape[1:])])
+                for t in (self._G, self._R, self._A, self._sign))
+        m = self._m
+        self._G[m : m + n], self._R[m : m + n], self._A[m : m + n], self._sign[m : m + n] = G, R, B, sign
         self._m += n
 
     def _update(self, W: Tensor, Z: Tensor, alpha: float) -> None:
@@ -443,8 +478,9 @@ class ItemMemory:
 
         With WU = W U and S = s2 / alpha I + WU W^T (n, n): M += (S^-1 WU)^T (Z - W M) and
         U -= WU^T S^-1 WU. alpha S is positive definite for a write and for forgetting written items; with its
-        Cholesky factor L the U update is the n rank-one terms of B = L^-1 WU (U -= alpha B^T B). One item:
-        u = U w, s = s2 / alpha + w . u, M += (u / s) (z - w M), U -= u u^T / s.
+        Cholesky factor L the U update is the n rank-one terms of B = L^-1 WU (U -= alpha B^T B), the M update the
+        n terms of gains S^-1 WU and residuals Z - W M. One item: u = U w, s = s2 / alpha + w . u,
+        M += (u / s) (z - w M), U -= u u^T / s.
 
         Raises:
             ValueError: alpha S is not positive definite (items that were never written; nothing is changed).
@@ -453,12 +489,11 @@ class ItemMemory:
         n = W.shape[0]
         WU = self._times_U(W)  # (n, K)
         if n == 1:
-            w, u = W[0], WU[0]  # (K,)
-            s = float(torch.dot(u, w)) + s2 / alpha
+            u = WU  # (1, K)
+            s = float(u[0] @ W[0]) + s2 / alpha
             if not alpha * s > 0:
                 raise ValueError("the memory update is not positive definite (an item that was never written?)")
-            self.M.addr_(u, Z[0] - w @ self.M, alpha=1.0 / s)  # (K, C)
-            self._add_terms((u / math.sqrt(alpha * s))[None], alpha)
+            self._add_terms(u / s, Z - self._times_M(W), u / math.sqrt(alpha * s), alpha)
             return
         S = (s2 / alpha) * torch.eye(n, dtype=torch.float64, device=self.device) + WU @ W.T  # (n, n)
         L, info = torch.linalg.cholesky_ex(alpha * 0.5 * (S + S.T))
@@ -466,8 +501,7 @@ class ItemMemory:
             raise ValueError("the memory update is not positive definite (items that were never written?)")
         B = torch.linalg.solve_triangular(L, WU, upper=False)  # (n, K) = L^-1 WU
         Gt = alpha * torch.cholesky_solve(WU, L)  # (n, K) = S^-1 WU
-        self.M.addmm_(Gt.T, Z - W @ self.M)  # (K, C)
-        self._add_terms(B, alpha)
+        self._add_terms(Gt, Z - self._times_M(W), B, alpha)
 
     def _as_items(self, Z: Tensor) -> Tensor:
         C = self.config.code_size
@@ -555,7 +589,7 @@ class ItemMemory:
         if not ids:
             raise ValueError("ids must not be empty")
         W = torch.stack([self._w[i] for i in ids])  # (Q, K)
-        R = W @ self.M  # (Q, C)
+        R = self._times_M(W)  # (Q, C)
         if Zq is None:
             return R.float()
         Zq_ = self._as_items(Zq)
@@ -587,8 +621,8 @@ class ItemMemory:
         dev = im.device
         if not torch.equal(tensors["M_ref"].to(dev, torch.float64), im.M_ref):
             raise ValueError("memory state was written with another prior mean M0 (a different checkpoint)")
-        im.M = tensors["M"].to(dev, torch.float64).clone()
-        im.U = tensors["U"]  # the dense part (copied by the setter)
+        im._M0 = tensors["M"].to(dev, torch.float64).clone()
+        im._U0 = tensors["U"].to(dev, torch.float64).clone()
         for i, item_id in enumerate(ids):
             im._z[item_id] = tensors["Z"][i].to(dev, torch.float64)
             im._w[item_id] = tensors["W"][i].to(dev, torch.float64)

@@ -86,7 +86,7 @@ class ServiceLimits:
     max_prompt_chars: int = MAX_TEXT_CHARS
     max_messages: int = 64
     max_tokens: int = 512
-    max_concurrent_work: int = 2
+    max_concurrent_work: int = 1
     max_queued_work: int = 16
     queue_timeout_s: int = 60
     retry_after_s: int = 1
