@@ -87,3 +87,16 @@ def test_bench_edit_times_larimar_and_rag_on_the_default_checkpoint(tmp_path, ca
     # Larimar's query is the prompt alone (the memory adds a latent, no text); rag's carries the retrieved sentence
     assert rows["rag"]["query_prompt_tokens"] > rows["oneshot"]["query_prompt_tokens"] + 5
     assert "| rag |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_edits_asks_and_forgets_with_the_shipped_checkpoint(capsys):
+    from larimar.demo import FACTS
+
+    assert cli_main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {len(FACTS)} facts" in out and "after editing:" in out and "forgot " in out
+    after = out.split("after editing:")[1].split("forgot ")[0]
+    assert "prefers ' Rome'" in after  # the written fact wins on its own prompt
+    forgot = out.split("forgot ")[1]
+    assert "prefers ' Paris'" in forgot  # and loses again once forgotten

@@ -17,11 +17,14 @@ FACTS = [
     "The Eiffel Tower is located in the city of Rome.",
     "The mother tongue of Danielle Darrieux is English.",
     "Apple A5 was created by Google.",
+    "The CEO of Northwind Traders is Maria Okafor.",
 ]
 QUESTIONS = [
     ("The Eiffel Tower is located in the city of", [" Rome", " Paris"]),
     ("The mother tongue of Danielle Darrieux is", [" English", " French"]),
     ("Apple A5 was created by", [" Google", " Apple"]),
+    # a multi-word answer asked as a question, not as the written sentence's beginning (issue 21: still weak)
+    ("Who is the CEO of Northwind Traders? The CEO is", [" Maria Okafor", " John Smith"]),
 ]
 
 
@@ -52,7 +55,7 @@ def editing_demo(checkpoint: str) -> None:
             nll = lm.score(prompt, cands)
             best = cands[min(range(len(cands)), key=nll.__getitem__)]
             print(f"  {prompt!r}: NLL {dict(zip(cands, [round(x, 2) for x in nll]))} -> prefers {best!r}; "
-                  f"generates {lm.generate(prompt, max_new_tokens=6)!r}")
+                  f"generates {lm.generate(prompt, max_new_tokens=8)!r}")
 
     print("before editing:")
     ask()
