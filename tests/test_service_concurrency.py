@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -264,3 +265,51 @@ def test_concurrent_different_completions_are_batched_and_equal_their_answers_al
             assert max(app.state.batcher.batches) > 1, app.state.batcher.batches  # they did share a generate
         finally:
             store.close()
+
+
+class _EchoEngine:
+    """complete_batch answers each prompt with itself and records the batch sizes."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def complete_batch(self, items):
+        self.batches.append(len(items))
+        return [(it.prompt, {}) for it in items]
+
+
+def test_requests_arriving_while_the_model_is_busy_join_one_batch() -> None:
+    from larimar.serving.work import Batcher, Job, WorkGate
+
+    engine, gate = _EchoEngine(), WorkGate(1, 16, timeout=10, retry_after=1)
+    batcher = Batcher(engine, None, gate, empty_memory=None, window=0.0, max_batch=16)
+    answers: dict[int, str] = {}
+
+    def ask(k: int) -> None:
+        answers[k] = batcher.submit(Job(None, f"q{k}", 4, 0.0, 1.0))[0]
+
+    with gate.slot():  # the model is busy: six requests arrive meanwhile
+        threads = [threading.Thread(target=ask, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        assert engine.batches == []
+    for t in threads:
+        t.join(timeout=10)
+    assert answers == {k: f"q{k}" for k in range(6)}
+    assert engine.batches == [6]  # one batch once the model was free, not a small one per arrival window
+
+
+def test_a_leader_without_a_model_slot_gets_503_and_the_next_request_leads() -> None:
+    from fastapi import HTTPException
+
+    from larimar.serving.work import Batcher, Job, WorkGate
+
+    engine, gate = _EchoEngine(), WorkGate(1, 16, timeout=0.2, retry_after=3)
+    batcher = Batcher(engine, None, gate, empty_memory=None, window=0.0, max_batch=16)
+    with gate.slot():  # held past the gate's timeout
+        with pytest.raises(HTTPException) as err:
+            batcher.submit(Job(None, "first", 4, 0.0, 1.0))
+    assert err.value.status_code == 503 and err.value.headers["Retry-After"] == "3"
+    assert batcher.submit(Job(None, "second", 4, 0.0, 1.0))[0] == "second"  # nothing left stuck
+    assert engine.batches == [1]
