@@ -413,12 +413,6 @@ class ItemMemory:
             self._M_cache = M
         return self._M_cache
 
-    @M.setter
-    def M(self, value: Tensor) -> None:
-        U = self.U  # fold the pending terms first
-        self._M0 = value.to(self.device, torch.float64).clone()
-        self._U0, self._m, self._M_cache = U, 0, None
-
     @property
     def U(self) -> Tensor:
         """The row covariance (K, K), dense (a new tensor: the state is kept factored, see the class)."""
@@ -428,12 +422,6 @@ class ItemMemory:
             A = self._A[: self._m]  # (m, K)
             U.sub_(A.T @ (self._sign[: self._m, None] * A))
         return U
-
-    @U.setter
-    def U(self, value: Tensor) -> None:
-        M = self.M  # fold the pending terms first
-        self._U0 = value.to(self.device, torch.float64).clone()
-        self._M0, self._m, self._M_cache = M, 0, None
 
     def _times_U(self, W: Tensor) -> Tensor:
         """W U (n, K) for rows W (n, K), from the factored U (U symmetric)."""

@@ -156,9 +156,9 @@ def route_each(
         first = targets[live[0]][1].with_mode("prompt")
         texts, owner = first.query_units([queries[q] for q in live])
         unit_emb = first.embed(texts)  # (S, D), one pass for every query
-        for k, q in enumerate(live):
-            s, n = targets[q][1].with_mode("prompt").score_embedded(unit_emb[owner == k], torch.zeros(
-                int((owner == k).sum()), dtype=torch.long), 1)
+        for k, q in enumerate(live):  # query k's units against its own detector's facts
+            units = owner == k
+            s, n = targets[q][1].score_embedded(unit_emb[units], owner[units] - k, 1)
             sims[q], nearest[q] = s, n[0]
     else:
         sims = {q: torch.full((1,), float("nan")) for q in live}
