@@ -1,6 +1,6 @@
 """The user trial of issue 21: four sentences written into one memory with `Larimar.edit`, then asked as a user would.
 
-    python benchmarks/user_trial.py [--refine-steps 5] [--refine-splits 4] [--tokens 16]
+    python benchmarks/user_trial.py [--tokens 16] [any `larimar edit` model flag: --read-mode, --refine-splits, ...]
 
 Prints each question's greedy answer (the whole `Larimar.ask` call) beside the plain decoder's, so that what a user
 reads is looked at, not only teacher-forced scores.
@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from larimar.cli.options import quiet_loading
-from larimar.editor import Larimar, Refinement
+from larimar.cli.options import ModelOptions
 
 FACTS = [
     "The CEO of Northwind Traders is Maria Okafor.",
@@ -22,6 +21,8 @@ FACTS = [
 ]
 QUESTIONS = [
     "The CEO of Northwind Traders is",
+    "Who is the CEO of Northwind Traders?",
+    "Q: Who is the CEO of Northwind Traders? A:",
     "Who is the CEO of Northwind Traders? The CEO is",
     "Northwind Traders is led by its chief executive,",
     "Q: What is the capital of Zubrowka? A:",
@@ -34,19 +35,15 @@ QUESTIONS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--refine-steps", type=int, default=Refinement().steps)
-    ap.add_argument("--refine-splits", type=int, default=Refinement().sentence_splits)
-    ap.add_argument("--refine-stop-nll", type=float, default=None)
+    ModelOptions.add_to(ap, ablations=False)
     ap.add_argument("--tokens", type=int, default=16)
     a = ap.parse_args()
-    quiet_loading()
-    ref = Refinement(steps=a.refine_steps, sentence_splits=a.refine_splits, stop_nll=a.refine_stop_nll)
-    lm = Larimar.from_pretrained(a.checkpoint, refinement=ref)
+    opts = ModelOptions.from_args(a)
+    lm = opts.build()
     t0 = time.perf_counter()
     for fact in FACTS:
         lm.edit(fact)
-    print(f"wrote {len(FACTS)} facts in {time.perf_counter() - t0:.1f} s ({ref})")
+    print(f"wrote {len(FACTS)} facts in {time.perf_counter() - t0:.1f} s ({opts.record()})")
     plain = lm.model.generate_text(QUESTIONS, None, max_new_tokens=a.tokens)
     for q, ans, p in zip(QUESTIONS, lm.ask(QUESTIONS, max_new_tokens=a.tokens), plain):
         where = f"memory {ans.similarity:.2f}" if ans.in_scope else "no memory"

@@ -327,8 +327,10 @@ def test_hierarchical_read_picks_the_memory_of_the_nearest_sentence():
     hm = write_document(lm, chunks, chunk_items=3)
     assert len(hm.memories) == 3 and hm.group_of == [0, 0, 0, 1, 1, 1, 2, 2]
     questions = [f.full_prompt for f in _cf()]
-    z, nearest = read_document(lm, hm, questions, "scope")  # keyed: each sentence's key in its chunk memory
-    assert z.shape == (3, 16) and nearest == [0, 1, 2]
+    zc, nearest = read_document(lm, hm, questions, "scope")  # recall: each sentence's key in its chunk memory
+    assert zc.shape == (3, 16) and nearest == [0, 1, 2]
+    assert torch.allclose(zc, hm.memories[0].read_keyed(["c0", "c1", "c2"]).float(), atol=1e-5)
+    z, _ = read_document(lm, hm, questions, "scope", read_mode="keyed")  # that read-out projected on the question
     zq = lm.model.encode_texts(questions).float()
     assert torch.allclose(z, hm.memories[0].read_keyed(["c0", "c1", "c2"], zq).float(), atol=1e-5)
     zm, _ = read_document(lm, hm, questions, "scope", read_mode="memory")  # the question's latent
@@ -475,7 +477,7 @@ def test_cli_sequential(tmp_path, capsys, checkpoint):
     s3 = _files(out3, "sequential.png")
     assert s3["method"] == "grace" and s3["n_edits"] == 3 and s3["compared_runs"] == [str(out)]
     table = (out3 / "summary.md").read_text()
-    assert f"| larimar | keyed | 5 | {out} | 2 |" in table and f"| grace | - | - | {out} | 2 |" in table
+    assert f"| larimar | recall | 5 | {out} | 2 |" in table and f"| grace | - | - | {out} | 2 |" in table
     assert "| grace | - | - | - | 3 |" in table
     assert len((out3 / "cases.jsonl").read_text().splitlines()) == 3  # the compared runs' cases are not copied
     # only the drawing of earlier runs: no model, no edits
@@ -486,7 +488,7 @@ def test_cli_sequential(tmp_path, capsys, checkpoint):
     assert s4["task"] == "sequential_compare"
     assert [r["method"] for r in s4["rows"]] == ["larimar", "rag", "grace", "grace"]
     assert s4["rows"][3]["n_edits"] == 3 and s4["rows"][3]["edit_retention"] == s3["edit_retention"]
-    assert s4["rows"][0]["read_mode"] == "keyed" and "read_mode" not in s4["rows"][3]  # grace has no read mode
+    assert s4["rows"][0]["read_mode"] == "recall" and "read_mode" not in s4["rows"][3]  # grace has no read mode
     code = main(["eval", "sequential", "--data", str(ZSRE), "--no-larimar", "--compare", str(out4),
                      "--out", str(tmp_path / "d")])
     assert code == 2 and "not the drawing" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from tiny_larimar import bow_embed, save_tiny_checkpoint, tiny_larimar
 from larimar.cli.main import main as cli_main
 from larimar.data import EditRequest
 from larimar.editor import Larimar, Refinement
-from larimar.editor.refine import length_batches, refine_latents, refinement_target
+from larimar.editor.refine import length_batches, refine_latents, refinement_target, refinement_targets
 from larimar.facts import fact_sentence
 from larimar.scope import ScopeDetector
 from larimar.serving.engine import LarimarEngine
@@ -36,7 +36,7 @@ def same_state(a: tuple, b: tuple) -> bool:
 
 
 def test_in_scope_reads_memory_out_of_scope_is_plain_decoder():
-    lm = tiny_larimar()
+    lm = tiny_larimar(read_mode="memory")  # the paper's read (one fact: what every read mode returns, up to scale)
     ids = lm.edit([FACT])
     assert len(ids) == 1 and lm.facts == [(ids[0], FACT)]
     latents, in_scope, sims = lm.read_latent([PROMPT, OTHER])
@@ -83,8 +83,8 @@ def test_prompt_answer_scope_mode_scores_prompt_plus_candidate():
 
 def test_keyed_read_mode_addresses_the_memory_with_the_nearest_fact_key():
     facts = [FACT, "messi plays the sport of tennis", "the river of paris is berlin"]
-    lm = tiny_larimar()  # keyed is the default
-    assert lm.read_mode == "keyed"
+    lm = tiny_larimar(read_mode="keyed")
+    assert tiny_larimar().read_mode == "recall"  # the default
     ids = lm.edit(facts)
     latents, in_scope, _ = lm.read_latent([PROMPT, OTHER])
     assert in_scope == [True, False]
@@ -96,7 +96,7 @@ def test_keyed_read_mode_addresses_the_memory_with_the_nearest_fact_key():
     paper.edit(facts)
     z_paper, _, _ = paper.read_latent([PROMPT])
     assert not torch.allclose(z_paper[0], latents[0], atol=1e-3)  # three facts: the two reads differ
-    one, one_paper = tiny_larimar(), tiny_larimar(read_mode="memory")
+    one, one_paper = tiny_larimar(read_mode="keyed"), tiny_larimar(read_mode="memory")
     one.edit([FACT]), one_paper.edit([FACT])
     # one fact: the keyed read is the paper's read
     torch.testing.assert_close(one.read_latent([PROMPT])[0], one_paper.read_latent([PROMPT])[0], atol=1e-4, rtol=1e-3)
@@ -110,6 +110,26 @@ def test_nearest_read_mode_uses_the_nearest_fact_latent():
     latents, in_scope, _ = lm.read_latent([PROMPT])
     assert in_scope == [True]
     torch.testing.assert_close(latents[0], lm.memory.latent(ids[0]).float())
+
+
+def test_recall_read_is_the_memory_read_out_at_the_fact_key_whatever_the_wording():
+    lm, keyed = tiny_larimar(read_mode="recall"), tiny_larimar(read_mode="keyed")
+    facts = [FACT, "messi plays the sport of tennis", "the river of paris is berlin"]
+    ids, _ = lm.edit(facts), keyed.edit(facts)
+    question = "Which sport does messi play? messi plays the sport of"
+    z, in_scope, _ = lm.read_latent([PROMPT, question, "messi plays the sport of"])
+    assert in_scope == [True, True, True]
+    recalled = lm.memory.read_keyed([ids[1]])[0].float()  # w M: the memory's read-out at the fact's key
+    torch.testing.assert_close(z[1], recalled)
+    torch.testing.assert_close(z[1], z[2])  # the same whatever the query's wording
+    stored = lm.memory.latent(ids[1]).float()
+    assert torch.nn.functional.cosine_similarity(recalled, stored, dim=0) > 0.9  # the stored latent up to the ridge
+    zk, _, _ = keyed.read_latent([question])  # keyed: that read-out scaled by the question's projection on it
+    cos = torch.nn.functional.cosine_similarity(zk[0], z[1], dim=0)
+    assert cos.abs() > 0.999 and not torch.allclose(zk[0], z[1], atol=1e-3)
+    lm.forget([ids[1]])
+    z_after, in_scope_after, _ = lm.read_latent([question])
+    assert not torch.allclose(z_after[0], recalled, atol=1e-2)  # forgotten: no longer recalled
 
 
 # -- edit / forget --------------------------------------------------------------------------------------------
@@ -182,6 +202,26 @@ def test_refinement_target_of_requests_and_sentences():
     assert refinement_target(req.sentence, req) == ("messi plays the sport of", " tennis")
     assert refinement_target("The capital of France is  Rome. ", None) == ("The capital of France is", " Rome.")
     assert refinement_target("Rome.", None) == ("", "Rome.")  # one word: the sentence itself
+
+
+def test_refinement_targets_splits_and_question_reads():
+    s = "The CEO of Northwind Traders is Maria Okafor."
+    assert refinement_targets(s, None) == [refinement_target(s, None)]
+    four = refinement_targets(s, None, splits=4)  # cuts before a content word, in the second half
+    assert four == [("The CEO of Northwind", " Traders is Maria Okafor."), ("The CEO of Northwind Traders is",
+                    " Maria Okafor."), ("The CEO of Northwind Traders is Maria", " Okafor.")]
+    assert all(p + c == s for p, c in four)  # every pair is the sentence cut once
+    long = "Quellmark Robotics was founded in the year 2011 by the engineer Tomasz Wieland of Gdansk."
+    two = refinement_targets(long, None, splits=2)
+    assert len(two) == 2 and two[-1] == ("Quellmark Robotics was founded in the year 2011 by the engineer Tomasz "
+                                         "Wieland of", " Gdansk.")  # the last cut is always kept
+    with_q = refinement_targets(s, None, splits=4, questions=True)
+    assert with_q == four + [("Q: The CEO of Northwind Traders is? A:", " Maria Okafor."),
+                             ("Q: The CEO of Northwind Traders is Maria? A:", " Okafor.")]  # bare answers only
+    assert refinement_targets("Q: Who leads it? A: Maria.", None, splits=2, questions=True) == \
+        refinement_targets("Q: Who leads it? A: Maria.", None, splits=2)  # already a question: no second read
+    req = EditRequest(prompt="{} plays the sport of", subject="messi", target_new="tennis")
+    assert refinement_targets(req.sentence, req, splits=4, questions=True) == [refinement_target(req.sentence, req)]
 
 
 @pytest.mark.parametrize("kw, match", [({"steps": -1}, "steps"), ({"steps": 1.5}, "steps"), ({"lr": 0.0}, "rate"),
@@ -464,7 +504,7 @@ def test_cli_serve_wires_the_real_engine(tmp_path, capsys, checkpoint, monkeypat
         assert code == 2 and "--limits" in err and "Traceback" not in err and not seen
 
 
-@pytest.mark.parametrize("read_mode", ["keyed", "memory", "nearest"])
+@pytest.mark.parametrize("read_mode", ["keyed", "recall", "memory", "nearest"])
 @pytest.mark.parametrize("use_scope", [True, False])
 def test_route_each_equals_routing_every_query_alone(read_mode, use_scope):
     # a batch of queries, each against its own memory (two namespaces and an empty one), routed with one pass of

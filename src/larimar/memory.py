@@ -57,7 +57,7 @@ from larimar.solvers import (
 
 logger = logging.getLogger(__name__)
 
-READ_MODES = ("keyed", "memory", "nearest")
+READ_MODES = ("keyed", "recall", "memory", "nearest")
 """How a memory of items is read for a query: `ItemMemory.read_keyed` at the nearest item (default), `ItemMemory.read`
 with the query's latent (the paper), or the nearest item's stored latent (an ablation that bypasses the memory)."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-READ_MODES = ("keyed", "memory", "nearest")  # larimar.memory.READ_MODES (kept import-free for a fast --help)
+READ_MODES = ("keyed", "recall", "memory", "nearest")  # larimar.memory.READ_MODES (kept import-free for a fast --help)
 SLOT_INITS = ("random", "eye")  # larimar.memory.SLOT_INITS
 
 
@@ -48,11 +48,13 @@ class ModelOptions:
         scope_threshold: in scope when the nearest fact's cosine is >= this.
         scope_encoder: a sentence-transformers folder (None: all-MiniLM-L6-v2), or "larimar" for the model's own.
         no_scope: read memory for every query (the paper's "no scope detector" ablation).
-        read_mode: "keyed", "memory" or "nearest" (`larimar.editor.read`).
-        refine_steps: write-time refinement steps per fact (0: the paper's one-shot write).
+        read_mode: "keyed", "recall", "memory" or "nearest" (`larimar.editor.read`).
+        refine_steps: write-time refinement steps per fact (0: the paper's one-shot write, for sentences too).
+        refine_sentence_steps: the steps for a plain sentence (None: ``refine_steps``).
         refine_lr: their learning rate.
         refine_splits: beginnings of a plain sentence its latent is refined after (`Refinement.sentence_splits`).
         refine_stop_nll: stop refining a fact once its targets' NLL per token is below this (None: never).
+        refine_questions: also refine a plain sentence on question-shaped reads ("Q: <beginning>? A:" -> the rest).
     """
 
     checkpoint: str | None = None
@@ -60,11 +62,13 @@ class ModelOptions:
     scope_threshold: float = 0.6
     scope_encoder: str | None = None
     no_scope: bool = False
-    read_mode: str = "keyed"
+    read_mode: str = "recall"
     refine_steps: int = 5
+    refine_sentence_steps: int | None = 10
     refine_lr: float = 0.1
-    refine_splits: int = 1
+    refine_splits: int = 4
     refine_stop_nll: float | None = None
+    refine_questions: bool = True
 
     @staticmethod
     def add_to(p: argparse.ArgumentParser, ablations: bool = True) -> None:
@@ -80,19 +84,27 @@ class ModelOptions:
         if ablations:
             p.add_argument("--no-scope", action="store_true", help="read memory for every query (ablation)")
         p.add_argument("--read-mode", choices=READ_MODES, default=d.read_mode,
-                       help="keyed: the memory addressed with the nearest fact's key (a lookup of its stored latent); "
-                            "memory: the paper's query read; nearest: the stored latent (ablation)")
+                       help="keyed: the memory addressed with the nearest fact's key (a lookup of its stored latent), "
+                            "projected on the query; recall: the same read-out, not projected; memory: the paper's "
+                            "query read; nearest: the stored latent (ablation)")
         p.add_argument("--refine-steps", type=int, default=d.refine_steps,
                        help=f"gradient steps on each written fact's latent, model unchanged (default {d.refine_steps}; "
                             "0: the encoder's latent, the paper's one-shot write)")
+        p.add_argument("--refine-sentence-steps", type=int, default=d.refine_sentence_steps,
+                       help=f"the steps for a plain sentence (default {d.refine_sentence_steps}; --refine-steps 0 turns "
+                            "refinement off for sentences too)")
         p.add_argument("--refine-lr", type=float, default=d.refine_lr,
                        help=f"their learning rate (default {d.refine_lr})")
         p.add_argument("--refine-splits", type=int, default=d.refine_splits,
-                       help="beginnings of a plain sentence its latent is refined after, the rest of the sentence "
-                            f"as the target (default {d.refine_splits}: only 'all but the last word')")
+                       help="beginnings of a plain sentence its latent is refined after (before a content word), the "
+                            f"rest of the sentence as the target (default {d.refine_splits}; 1: only 'all but the last "
+                            "word')")
         p.add_argument("--refine-stop-nll", type=float, default=d.refine_stop_nll,
                        help="stop refining a fact once its targets' mean NLL per token is below this (default: "
                             "never)")
+        p.add_argument("--refine-questions", action=argparse.BooleanOptionalAction, default=d.refine_questions,
+                       help="also refine a plain sentence on question-shaped reads of it ('Q: <beginning>? A:' -> "
+                            f"a bare answer; default {d.refine_questions})")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelOptions:
@@ -106,8 +118,9 @@ class ModelOptions:
         """
         from larimar.editor import Refinement
 
-        return Refinement(steps=self.refine_steps, lr=self.refine_lr, sentence_splits=self.refine_splits,
-                          stop_nll=self.refine_stop_nll)
+        return Refinement(steps=self.refine_steps, sentence_steps=self.refine_sentence_steps, lr=self.refine_lr,
+                          sentence_splits=self.refine_splits, stop_nll=self.refine_stop_nll,
+                          sentence_questions=self.refine_questions)
 
     def build(self, scope_mode: str = "prompt") -> Any:
         """The `larimar.editor.Larimar` these options describe (weights loaded quietly)."""
@@ -124,8 +137,10 @@ class ModelOptions:
         """The options as a run records them (summary.json)."""
         return {"checkpoint": str(self.checkpoint or "default"), "scope_threshold": self.scope_threshold,
                 "scope_encoder": self.scope_encoder or "all-MiniLM-L6-v2", "use_scope": not self.no_scope,
-                "read_mode": self.read_mode, "refine_steps": self.refine_steps, "refine_lr": self.refine_lr,
-                "refine_splits": self.refine_splits, "refine_stop_nll": self.refine_stop_nll}
+                "read_mode": self.read_mode, "refine_steps": self.refine_steps,
+                "refine_sentence_steps": self.refine_sentence_steps, "refine_lr": self.refine_lr,
+                "refine_splits": self.refine_splits, "refine_stop_nll": self.refine_stop_nll,
+                "refine_questions": self.refine_questions}
 
 
 @dataclass

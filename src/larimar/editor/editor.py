@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from larimar.editor.files import read_memory_state, save_memory_state
-from larimar.editor.read import Routing, check_read_mode, route, route_each
+from larimar.editor.read import QUERY_FREE_READS, Routing, check_read_mode, route, route_each
 from larimar.editor.refine import Refinement, refine_latents, refinement_targets
 from larimar.facts import (
     MAX_TEXT_CHARS,
@@ -89,12 +89,14 @@ class Larimar:
             "prompt_answer" (prompt + candidate, the paper's reference).
         use_scope: False reads memory for every query (the paper's "no scope detector" ablation).
         read_mode: "memory" (the query-addressed read of the paper), "keyed" (the memory addressed with the key of
-            the nearest written fact by scope similarity) or "nearest" (that fact's stored latent, an ablation).
+            the nearest written fact by scope similarity, projected on the query), "recall" (the same read-out, not
+            projected: what the fact was written with, whatever the question's wording) or "nearest" (that fact's
+            stored latent, an ablation that bypasses the memory).
         max_chars: the longest fact or prompt accepted (characters).
         fingerprint: the checkpoint fingerprint saved memories are tied to (default:
             `larimar.backbones.model_fingerprint` of the model, computed on first use).
-        refinement: write-time latent refinement (default: `Refinement()`, 5 steps; ``Refinement(steps=0)``
-            writes the encoder's latents as the paper does).
+        refinement: write-time latent refinement (default: `Refinement()`: 5 steps for an edit request, 10 for a
+            sentence; ``Refinement(steps=0)`` writes the encoder's latents as the paper does).
 
     Raises:
         ValueError: unknown mode.
@@ -107,7 +109,7 @@ class Larimar:
         scope_threshold: float = 0.6,
         scope_mode: str = "prompt",
         use_scope: bool = True,
-        read_mode: str = "keyed",
+        read_mode: str = "recall",
         max_chars: int = MAX_TEXT_CHARS,
         fingerprint: str | None = None,
         refinement: Refinement | None = None,
@@ -199,8 +201,9 @@ class Larimar:
     def fact_latents(self, facts: Sequence[FactLike], batch_size: int = 64) -> tuple[list[str], Tensor]:
         """The sentences and the latents (n, C) float32 (CPU) that `edit` writes for facts: encoded, then refined.
 
-        An edit request is refined on its answer after its prompt, a plain sentence on its last word after the rest
-        (`refinement_targets`). ``batch_size``: sentences per encoder forward.
+        An edit request is refined on its answer after its prompt, a plain sentence on the rest of it after several
+        of its beginnings and on their question reads (`refinement_targets`). ``batch_size``: sentences per encoder
+        forward.
 
         Raises:
             ValueError: a bad fact.
@@ -213,14 +216,16 @@ class Larimar:
         """The refined latents (n, C) (CPU) of parsed facts (`as_fact`) whose encoder latents are Z (n, C)."""
         if self.refinement.steps == 0 or not parsed:
             return Z
-        targets = [refinement_targets(s, r, self.refinement.sentence_splits) for s, r in parsed]
+        targets = [refinement_targets(s, r, self.refinement.sentence_splits, self.refinement.sentence_questions)
+                   for s, r in parsed]
         owner = [f for f, ts in enumerate(targets) for _ in ts]
         prompts = [p for ts in targets for p, _ in ts]
         answers = [c for ts in targets for _, c in ts]
-        queries = None  # "nearest" decodes the stored latent itself
-        if self.read_mode != "nearest":  # the keyed and the paper's read return the one-fact projection
+        queries = None  # "recall" and "nearest" decode the stored latent itself
+        if self.read_mode not in QUERY_FREE_READS:  # the keyed and the paper's read return the one-fact projection
             queries = self.encode_facts([p or parsed[f][0] for p, f in zip(prompts, owner)])  # (R, C)
-        return refine_latents(self.model, Z, prompts, answers, queries, self.refinement, owner).cpu()
+        steps = [self.refinement.steps_for(sentence=r is None) for _, r in parsed]
+        return refine_latents(self.model, Z, prompts, answers, queries, self.refinement, owner, steps).cpu()
 
     def edit(self, facts: FactLike | Sequence[FactLike], ids: Sequence[str] | None = None,
              timings: dict[str, float] | None = None) -> list[str]:

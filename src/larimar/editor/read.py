@@ -4,12 +4,15 @@ Per query (`route`):
     1. scope: the query's nearest written fact by sentence-embedding cosine (per sentence of the query); below
        the threshold the query is out of scope and decodes with z = 0 (exactly the plain decoder);
     2. in scope, `read_at` with the query's latent z_q = e(query):
-       - ``"keyed"`` (default): the memory addressed with the stored key of the nearest fact, projected as in a
+       - ``"keyed"``: the memory addressed with the stored key of the nearest fact, projected as in a
          one-fact memory (`ItemMemory.read_keyed`). With exact solves this returns the nearest fact's stored latent
          scaled by the query's projection on it: it is a lookup of the stored latent, located by the scope
          detector's nearest-neighbour search (docs/method.md, "The keyed read");
        - ``"memory"`` (the paper's read): the projection of z_q on the span of every written latent
          (`ItemMemory.read`); right for one fact, but with N >= C facts it returns z_q itself;
+       - ``"recall"`` (default): the memory addressed with the stored key of the nearest fact, not projected: the read-out
+         w_i M, which is the fact's stored latent up to the ridge whatever the query's wording (a question reads
+         what its sentence was written with); a lookup through the memory, that needs no query latent;
        - ``"nearest"`` (an ablation that bypasses the memory): the nearest fact's stored latent;
     3. the decoder is conditioned on the returned latent.
 """
@@ -24,6 +27,9 @@ from torch import Tensor
 
 from larimar.memory import READ_MODES, ItemMemory
 from larimar.scope import ScopeDetector
+
+QUERY_FREE_READS = ("recall", "nearest")
+"""Read modes that do not use the query's latent (no encoder pass for the query)."""
 
 
 @dataclass
@@ -59,12 +65,14 @@ def read_at(memory: ItemMemory, read_mode: str, nearest_ids: list[str], zq: Tens
 
     Args:
         memory: the memory holding the facts.
-        read_mode: "keyed", "memory" or "nearest".
-        nearest_ids: R ids of the nearest written facts (used by "keyed" and "nearest").
-        zq: (R, C) the queries' latents (unused by "nearest", which may pass None).
+        read_mode: "keyed", "recall", "memory" or "nearest".
+        nearest_ids: R ids of the nearest written facts (used by all but "memory").
+        zq: (R, C) the queries' latents (unused by `QUERY_FREE_READS`, which may pass None).
     """
     if read_mode == "nearest":
         return torch.stack([memory.latent(i) for i in nearest_ids]).float()  # (R, C)
+    if read_mode == "recall":
+        return memory.read_keyed(list(nearest_ids)).float()  # (R, C)
     if zq is None:
         raise ValueError(f"read_mode {read_mode!r} needs the queries' latents")
     if read_mode == "keyed":
@@ -79,7 +87,7 @@ def route(
     scope: ScopeDetector,
     queries: list[str],
     *,
-    read_mode: str = "keyed",
+    read_mode: str = "recall",
     use_scope: bool = True,
     threshold: float = 0.6,
     scope_mode: str = "prompt",
@@ -92,7 +100,7 @@ def route(
         memory: the memory to read.
         scope: the detector holding the memory's facts under the same ids.
         queries: Q strings the scope decision is made on.
-        read_mode: "keyed", "memory" or "nearest" (`read_at`).
+        read_mode: "keyed", "recall", "memory" or "nearest" (`read_at`).
         use_scope: False reads memory for every query (the paper's "no scope detector" ablation).
         threshold: in scope when the nearest-fact cosine is >= this.
         scope_mode: "prompt" or "prompt_answer" (how the detector scores ``queries``).
@@ -114,7 +122,7 @@ def route(
     rows = [q for q in range(Q) if in_scope[q]]
     if rows:
         zq = None
-        if read_mode != "nearest":
+        if read_mode not in QUERY_FREE_READS:
             texts = encode_texts if encode_texts is not None else queries
             zq = encode([texts[q] for q in rows]).to(memory.device, torch.float32)  # (R, C)
         latents[rows] = read_at(memory, read_mode, [nearest[q] for q in rows], zq).to(latents.device)
@@ -127,7 +135,7 @@ def route_each(
     targets: Sequence[tuple[ItemMemory, ScopeDetector]],
     queries: list[str],
     *,
-    read_mode: str = "keyed",
+    read_mode: str = "recall",
     use_scope: bool = True,
     threshold: float = 0.6,
 ) -> list[Routing]:
@@ -166,7 +174,7 @@ def route_each(
     in_scope = {q: (bool(sims[q][0] >= threshold) if use_scope else True) for q in live}
     rows = [q for q in live if in_scope[q]]
     zq = None
-    if rows and read_mode != "nearest":
+    if rows and read_mode not in QUERY_FREE_READS:
         zq = encode([queries[q] for q in rows]).float()  # (R, C), one pass for every in-scope query
     for q in live:
         memory = targets[q][0]

@@ -35,7 +35,9 @@ class Refinement:
     paper's one-shot write).
 
     Attributes:
-        steps: the most Adam steps per fact (0: off).
+        steps: the most Adam steps per fact (0: off, for sentences too).
+        sentence_steps: the most steps for a plain sentence (None: ``steps``); a sentence has more targets to fit
+            (its beginnings and their question reads) than an edit request has.
         lr: Adam learning rate.
         batch_size: the most facts refined together (they do not interact: the loss is a sum over facts).
         max_tokens: the most decoder tokens in one batch, padding included (facts are batched by length, so long
@@ -43,18 +45,25 @@ class Refinement:
         sentence_splits: beginnings of a plain sentence it is refined after (1: only "all but the last word").
         stop_nll: a fact stops early once the mean NLL per token of its targets is below this (None: never; the
             answer is then the decoder's argmax with a margin).
+        sentence_questions: also refine a plain sentence (one without "?") on question-shaped reads of it: for
+            each beginning, "Q: <beginning>? A:" followed by the rest (`refinement_targets`), so that the latent
+            makes the decoder answer a question with the fact's words first.
     """
 
     steps: int = 5
+    sentence_steps: int | None = 10
     lr: float = 0.1
     batch_size: int = 64
     max_tokens: int = 2048
-    sentence_splits: int = 1
+    sentence_splits: int = 4
     stop_nll: float | None = None
+    sentence_questions: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"refinement steps must be an integer >= 0, got {self.steps!r}")
+        if self.sentence_steps is not None and (not isinstance(self.sentence_steps, int) or self.sentence_steps < 0):
+            raise ValueError(f"refinement sentence_steps must be an integer >= 0 or None, got {self.sentence_steps!r}")
         if not self.lr > 0:
             raise ValueError(f"refinement learning rate must be > 0, got {self.lr!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -67,6 +76,14 @@ class Refinement:
             raise ValueError(f"refinement stop_nll must be > 0 or None, got {self.stop_nll!r}")
 
 
+    def steps_for(self, sentence: bool) -> int:
+        """The most steps for a fact: ``sentence_steps`` for a plain sentence (if set), else ``steps``; 0 when
+        ``steps`` is 0."""
+        if self.steps == 0:
+            return 0
+        return self.sentence_steps if sentence and self.sentence_steps is not None else self.steps
+
+
 def refinement_target(sentence: str, request: EditRequest | None) -> tuple[str, str]:
     """(prompt, continuation) a fact's latent is refined on: a request's prompt and " " + its answer; for a plain
     sentence, all but its last word and " " + that word (a sentence fact is asked with its beginning), or
@@ -77,26 +94,45 @@ def refinement_target(sentence: str, request: EditRequest | None) -> tuple[str, 
     return (head.rstrip(), " " + last) if head.strip() else ("", sentence)
 
 
-def refinement_targets(sentence: str, request: EditRequest | None, splits: int = 1) -> list[tuple[str, str]]:
+def refinement_targets(sentence: str, request: EditRequest | None, splits: int = 1, questions: bool = False
+                       ) -> list[tuple[str, str]]:
     """The (prompt, continuation) pairs a fact's latent is refined on.
 
     A request: its prompt and " " + its answer. A plain sentence with ``splits == 1``: `refinement_target`. With
-    more: the rest of the sentence after up to ``splits`` of its beginnings, evenly spread over the second half of
-    its words and always including "all but the last word" (e.g. "The CEO of Northwind Traders is" ->
-    " Maria Okafor." and "... is Maria" -> " Okafor."), so that a multi-word answer and the sentence's end are
-    carried whichever word the answer starts at.
+    more: the rest of the sentence after up to ``splits`` of its beginnings in its second half that end before a
+    content word (where an answer may start: not before "in", "was", "the" ...), evenly spread and always
+    including "all but the last word" (e.g. "The CEO of Northwind Traders is" -> " Maria Okafor." and "... is
+    Maria" -> " Okafor.", but not "The CEO of Northwind Traders" -> " is Maria Okafor."), so that a multi-word
+    answer and the sentence's end are carried whichever word the answer starts at.
+
+    With ``questions``, a plain sentence without "?" also gets the question-shaped read of each pair whose rest
+    has no function word (a bare answer, not "in Munich." or "Traders is Maria Okafor."): the prompt
+    "Q: <beginning>? A:" and the same rest (e.g. "Q: The CEO of Northwind Traders is? A:" -> " Maria Okafor.").
     """
-    if request is not None or splits == 1:
+    if request is not None or (splits == 1 and not questions):
         return [refinement_target(sentence, request)]
     words = sentence.strip().split(" ")
     if len(words) < 2:
         return [("", sentence)]
     lo = max(1, len(words) // 2)
-    cuts = list(range(lo, len(words)))
+    cuts = [k for k in range(lo, len(words))  # where an answer may start: before a content word, and the last
+            if k == len(words) - 1 or words[k].strip(",;:.!").lower() not in _FUNCTION_WORDS]
     if len(cuts) > splits:  # evenly spread, the last cut kept
         cuts = sorted({cuts[round(i * (len(cuts) - 1) / (splits - 1))] for i in range(splits)}) if splits > 1 \
             else cuts[-1:]
-    return [(" ".join(words[:k]), " " + " ".join(words[k:])) for k in cuts]
+    pairs = [(" ".join(words[:k]).rstrip(), " " + " ".join(words[k:])) for k in cuts]
+    if questions and "?" not in sentence:  # a bare answer: no "in", "was", "the" ... in it
+        pairs += [(f"Q: {head.rstrip(' ,;:')}? A:", rest) for head, rest in pairs
+                  if not any(w.strip(",;:.!").lower() in _FUNCTION_WORDS for w in rest.split())]
+    return pairs
+
+
+_FUNCTION_WORDS = frozenset(
+    "a an the in on at of by for from to with as into onto upon over under near during since until after before "
+    "is are was were be been being has have had does did do will would can could shall should may might must "
+    "and or but nor that which who whom whose where when while than then its his her their our your my "
+    "located born died based founded made created called known named held situated".split()
+)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int, rows: Sequence[int] | None = None
@@ -132,6 +168,7 @@ def refine_latents(
     queries: Tensor | None,
     refinement: Refinement,
     owner: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
 ) -> Tensor:
     """Refines fact latents by gradient steps on the latents alone (see `Refinement`); the model is unchanged.
 
@@ -144,6 +181,8 @@ def refine_latents(
         refinement: steps, learning rate, batch limits, early stop.
         owner: R fact indices, the fact each target belongs to (default: target i is fact i, R = n). A fact's
             loss is the mean of its targets' NLLs.
+        steps: n per-fact step limits (default: ``refinement.steps`` for every fact); a fact past its limit keeps
+            its latent while the others of its batch go on.
 
     Returns:
         (n, C) float32 refined latents on ``Z``'s device (``Z`` itself when ``refinement.steps == 0``).
@@ -155,7 +194,10 @@ def refine_latents(
             or sorted(set(owner)) != list(range(n))):
         raise ValueError(f"refine_latents: {n} latents, {len(prompts)} prompts, {len(continuations)} continuations"
                          f", {R} owners, queries {None if queries is None else tuple(queries.shape)}")
-    if refinement.steps == 0 or n == 0:
+    limit = [refinement.steps] * n if steps is None else [int(s) for s in steps]
+    if len(limit) != n or any(s < 0 for s in limit):
+        raise ValueError(f"refine_latents: {n} latents and step limits {limit}")
+    if refinement.steps == 0 or n == 0 or max(limit) == 0:
         return Z
     from tqdm.auto import tqdm
 
@@ -179,7 +221,9 @@ def refine_latents(
             ps, cs = [prompts[r] for r in rows], [continuations[r] for r in rows]
             opt = torch.optim.Adam([z], lr=refinement.lr)
             done = torch.zeros(len(facts), dtype=torch.bool, device=model.device)  # (b,)
-            for _ in range(refinement.steps):
+            fact_limit = torch.tensor([limit[f] for f in facts], device=model.device)  # (b,)
+            for step in range(int(fact_limit.max())):
+                done |= fact_limit <= step  # (b,): facts past their step limit keep their latent
                 zr = z[local]  # (b_rows, C)
                 latent = zr if q is None else one_fact_read(q, zr)  # (b_rows, C)
                 nll = model.continuation_nll(ps, cs, latent).float()  # (b_rows,)

@@ -16,7 +16,8 @@ one latent, chosen hierarchically:
 
     scope      (default) the chunk memory holding the sentence nearest to the question (scope encoder cosine, per
                sentence of the question) is read with the question's latent: z = M_g read(e(question)), or with
-               ``read_mode="keyed"`` (the default) addressed with that sentence's key: z = M_g read_keyed(s, e(q));
+               addressed with that sentence's key: ``read_mode="recall"`` (the default) z = M_g read_keyed(s), or
+               ``read_mode="keyed"`` its projection on the question z = M_g read_keyed(s, e(q));
     recursive  every chunk memory is read with the question's latent, the G read-outs are written into a top-level
                memory and that memory is read again with the question's latent (the paper's recursive read);
     nearest    (``read_mode="nearest"``, an ablation) the latent of the nearest sentence itself.
@@ -49,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from larimar.editor.read import check_read_mode, read_at
+from larimar.editor.read import QUERY_FREE_READS, check_read_mode, read_at
 from larimar.eval.metrics import es_success
 from larimar.facts import EditRequest, split_sentences
 from larimar.memory import ItemMemory
@@ -163,8 +164,8 @@ def write_document(lm: Any, chunks: Sequence[str], chunk_items: int | None = Non
     """Encodes the chunks as `Larimar.edit` encodes sentences, and writes them, in order, into memories of
     ``chunk_items`` items (default: K).
 
-    Each chunk's latent is ``lm.fact_latents``: the encoder's, then refined with ``lm.refinement`` on the chunk's
-    last word after the rest (none with ``Refinement(steps=0)``, the paper's one-shot encoding).
+    Each chunk's latent is ``lm.fact_latents``: the encoder's, then refined with ``lm.refinement`` as a sentence
+    (`larimar.editor.refine.refinement_targets`; none with ``Refinement(steps=0)``, the paper's one-shot encoding).
 
     Args:
         lm: a `Larimar` editor (its model, refinement, memory config and scope encoder are used; its memory is not
@@ -196,7 +197,7 @@ def write_document(lm: Any, chunks: Sequence[str], chunk_items: int | None = Non
 
 @torch.inference_mode()
 def read_document(lm: Any, hm: HierarchicalMemory, questions: Sequence[str], hierarchy: str = "scope",
-                  read_mode: str = "keyed") -> tuple[Tensor, list[int]]:
+                  read_mode: str = "recall") -> tuple[Tensor, list[int]]:
     """Latents (Q, C) answering questions from a written document, and the chunk index nearest to each question.
 
     Args:
@@ -204,8 +205,9 @@ def read_document(lm: Any, hm: HierarchicalMemory, questions: Sequence[str], hie
         hm: the written document.
         questions: Q questions.
         hierarchy: "scope" or "recursive" (see the module docstring).
-        read_mode: "keyed" (the chunk memory addressed with the nearest sentence's key), "memory" (read with the
-            question's latent) or "nearest" (the nearest item's latent). "recursive" reads with the question's latent.
+        read_mode: "recall" (the chunk memory addressed with the nearest sentence's key), "keyed" (that read-out
+            projected on the question's latent), "memory" (read with the question's latent) or "nearest" (the
+            nearest item's latent). "recursive" reads with the question's latent (except with "nearest").
 
     Raises:
         ValueError: unknown hierarchy or read mode.
@@ -216,8 +218,10 @@ def read_document(lm: Any, hm: HierarchicalMemory, questions: Sequence[str], hie
     questions = list(questions)
     _, nearest_ids = hm.scope.score(questions)
     nearest = [int(str(i)[1:]) for i in nearest_ids]  # chunk indices
-    zq = None if read_mode == "nearest" else lm.model.encode_texts(questions).float().cpu()  # (Q, C)
-    if hierarchy == "scope" or read_mode == "nearest":
+    scoped = hierarchy == "scope" or read_mode == "nearest"  # else the recursive read, with the question's latent
+    free = scoped and read_mode in QUERY_FREE_READS
+    zq = None if free else lm.model.encode_texts(questions).float().cpu()  # (Q, C)
+    if scoped:
         z = torch.zeros(len(questions), hm.latents.shape[1])  # (Q, C)
         for g, m in enumerate(hm.memories):
             rows = [q for q, c in enumerate(nearest) if hm.group_of[c] == g]
@@ -337,7 +341,7 @@ def evaluate_longcontext(
     window: int = 2048,
     chunk_items: int | None = None,
     hierarchy: str = "scope",
-    read_mode: str = "keyed",
+    read_mode: str = "recall",
     seed: int = 0,
     batch_size: int = 32,
     plain_batch_size: int = 16,
@@ -362,7 +366,7 @@ def evaluate_longcontext(
         window: the plain decoder's window (tokens).
         chunk_items: items per chunk memory (default: K).
         hierarchy: "scope" or "recursive".
-        read_mode: "keyed", "memory" or "nearest".
+        read_mode: "keyed", "recall", "memory" or "nearest".
         seed: the document's layout.
         batch_size: rows per forward when scoring with memory.
         plain_batch_size: rows per forward of the windowed plain decoder, after its shared context.
