@@ -14,7 +14,12 @@ from tiny_larimar import bow_embed, save_tiny_checkpoint, tiny_larimar
 from larimar.cli.main import main as cli_main
 from larimar.data import EditRequest
 from larimar.editor import Larimar, Refinement
-from larimar.editor.refine import length_batches, refine_latents, refinement_target, refinement_targets
+from larimar.editor.refine import (
+    length_batches,
+    refine_latents,
+    refinement_target,
+    refinement_targets,
+)
 from larimar.facts import fact_sentence
 from larimar.scope import ScopeDetector
 from larimar.serving.engine import LarimarEngine
@@ -128,7 +133,7 @@ def test_recall_read_is_the_memory_read_out_at_the_fact_key_whatever_the_wording
     cos = torch.nn.functional.cosine_similarity(zk[0], z[1], dim=0)
     assert cos.abs() > 0.999 and not torch.allclose(zk[0], z[1], atol=1e-3)
     lm.forget([ids[1]])
-    z_after, in_scope_after, _ = lm.read_latent([question])
+    z_after, _, _ = lm.read_latent([question])
     assert not torch.allclose(z_after[0], recalled, atol=1e-2)  # forgotten: no longer recalled
 
 
@@ -183,6 +188,15 @@ def test_refine_latents_lowers_the_read_nll_and_changes_no_weight():
     torch.testing.assert_close(R2, R1, atol=1e-5, rtol=1e-5)  # one row a batch, each back in its own place
     with pytest.raises(ValueError, match="2 latents, 1 prompts"):
         refine_latents(model, Z, prompts[:1], answers, Q, Refinement())
+    # per-fact step limits: a fact stops at its own limit while the other goes on, as if refined alone
+    Rs = refine_latents(model, Z, prompts, answers, Q, Refinement(steps=20, lr=0.5, batch_size=1), steps=[20, 5])
+    R5 = refine_latents(model, Z, prompts, answers, Q, Refinement(steps=5, lr=0.5, batch_size=1))
+    torch.testing.assert_close(Rs[0], R1[0])
+    torch.testing.assert_close(Rs[1], R5[1])
+    R0 = refine_latents(model, Z, prompts, answers, Q, Refinement(steps=20, lr=0.5), steps=[0, 20])
+    assert torch.equal(R0[0], Z[0].float()) and not torch.allclose(R0[1], Z[1], atol=1e-3)
+    with pytest.raises(ValueError, match="step limits"):
+        refine_latents(model, Z, prompts, answers, Q, Refinement(), steps=[5])
 
 
 def test_length_batches_sort_by_length_and_respect_both_limits():
@@ -213,8 +227,8 @@ def test_refinement_targets_splits_and_question_reads():
     assert all(p + c == s for p, c in four)  # every pair is the sentence cut once
     long = "Quellmark Robotics was founded in the year 2011 by the engineer Tomasz Wieland of Gdansk."
     two = refinement_targets(long, None, splits=2)
-    assert len(two) == 2 and two[-1] == ("Quellmark Robotics was founded in the year 2011 by the engineer Tomasz "
-                                         "Wieland of", " Gdansk.")  # the last cut is always kept
+    last = ("Quellmark Robotics was founded in the year 2011 by the engineer Tomasz Wieland of", " Gdansk.")
+    assert len(two) == 2 and two[-1] == last  # the last cut is always kept
     with_q = refinement_targets(s, None, splits=4, questions=True)
     assert with_q == four + [("Q: The CEO of Northwind Traders is? A:", " Maria Okafor."),
                              ("Q: The CEO of Northwind Traders is Maria? A:", " Okafor.")]  # bare answers only
@@ -225,10 +239,24 @@ def test_refinement_targets_splits_and_question_reads():
 
 
 @pytest.mark.parametrize("kw, match", [({"steps": -1}, "steps"), ({"steps": 1.5}, "steps"), ({"lr": 0.0}, "rate"),
-                                       ({"batch_size": 0}, "batch_size"), ({"max_tokens": 0}, "max_tokens")])
+                                       ({"batch_size": 0}, "batch_size"), ({"max_tokens": 0}, "max_tokens"),
+                                       ({"sentence_steps": -1}, "sentence_steps")])
 def test_refinement_config_is_checked(kw, match):
     with pytest.raises(ValueError, match=match):
         Refinement(**kw)
+
+
+def test_sentences_and_requests_take_their_own_step_counts():
+    ref = Refinement(steps=5, sentence_steps=10)
+    assert (ref.steps_for(sentence=False), ref.steps_for(sentence=True)) == (5, 10)
+    assert Refinement(steps=5, sentence_steps=None).steps_for(sentence=True) == 5
+    assert Refinement(steps=0, sentence_steps=10).steps_for(sentence=True) == 0  # 0: off for everything
+    req = EditRequest(prompt="{} plays the sport of", subject="messi", target_new="tennis")
+    both = tiny_larimar(refinement=Refinement(steps=3, sentence_steps=8, lr=0.5))
+    _, Z = both.fact_latents([req, FACT])  # one batch, two limits
+    _, Zr = tiny_larimar(refinement=Refinement(steps=3, sentence_steps=None, lr=0.5)).fact_latents([req])
+    _, Zs = tiny_larimar(refinement=Refinement(steps=8, sentence_steps=None, lr=0.5)).fact_latents([FACT])
+    torch.testing.assert_close(Z, torch.cat([Zr, Zs]), atol=1e-4, rtol=1e-4)
 
 
 def test_edit_writes_the_refined_latent_and_steps_0_the_encoder_latent():

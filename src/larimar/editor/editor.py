@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 
 from larimar.editor.files import read_memory_state, save_memory_state
-from larimar.editor.read import QUERY_FREE_READS, Routing, check_read_mode, route, route_each
+from larimar.editor.read import (
+    QUERY_FREE_READS,
+    Routing,
+    check_read_mode,
+    route,
+    route_each,
+)
 from larimar.editor.refine import Refinement, refine_latents, refinement_targets
 from larimar.facts import (
     MAX_TEXT_CHARS,
