@@ -98,5 +98,7 @@ def test_demo_edits_asks_and_forgets_with_the_shipped_checkpoint(capsys):
     assert f"wrote {len(FACTS)} facts" in out and "after editing:" in out and "forgot " in out
     after = out.split("after editing:")[1].split("forgot ")[0]
     assert "prefers ' Rome'" in after  # the written fact wins on its own prompt
+    asked = [line for line in after.splitlines() if "Who is the CEO of Northwind Traders?" in line]
+    assert len(asked) == 2 and all("prefers ' Maria Okafor'" in a and "generates ' Maria Okafor" in a for a in asked)
     forgot = out.split("forgot ")[1]
     assert "prefers ' Paris'" in forgot  # and loses again once forgotten

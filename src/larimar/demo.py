@@ -23,8 +23,9 @@ QUESTIONS = [
     ("The Eiffel Tower is located in the city of", [" Rome", " Paris"]),
     ("The mother tongue of Danielle Darrieux is", [" English", " French"]),
     ("Apple A5 was created by", [" Google", " Apple"]),
-    # a multi-word answer asked as a question, not as the written sentence's beginning (issue 21: still weak)
-    ("Who is the CEO of Northwind Traders? The CEO is", [" Maria Okafor", " John Smith"]),
+    # a multi-word answer asked as questions, not as the written sentence's beginning
+    ("Who is the CEO of Northwind Traders?", [" Maria Okafor", " John Smith"]),
+    ("Q: Who is the CEO of Northwind Traders? A:", [" Maria Okafor", " John Smith"]),
 ]
 
 
@@ -55,7 +56,7 @@ def editing_demo(checkpoint: str) -> None:
             nll = lm.score(prompt, cands)
             best = cands[min(range(len(cands)), key=nll.__getitem__)]
             print(f"  {prompt!r}: NLL {dict(zip(cands, [round(x, 2) for x in nll]))} -> prefers {best!r}; "
-                  f"generates {lm.generate(prompt, max_new_tokens=8)!r}")
+                  f"generates {lm.generate(prompt, max_new_tokens=10)!r}")
 
     print("before editing:")
     ask()
