@@ -388,10 +388,18 @@ def write_facts_outputs(out_dir: str | Path, summaries: Sequence[dict[str, Any]]
     (d / "summary.json").write_text(json.dumps(objs, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     n_facts = meta.get("n_facts", summaries[0].get("n_facts", "?") if summaries else "?")
     notes = [(f"{n_facts} facts written one after another into one memory "
-             f"(`Larimar.edit(sentence)`, refine steps {meta.get('refine_steps', '?')}), then every question "
+             f"(`Larimar.edit(sentence)`, read {meta.get('read_mode', '?')}, sentence refinement: "
+             f"{_sentence_steps(meta)} steps, {meta.get('refine_splits', '?')} beginnings, question reads "
+             f"{meta.get('refine_questions', '?')}), then every question "
              f"asked; EM = the greedy answer starts with the expected one (case-folded); fluency = weighted "
              f"bi/tri-gram entropy of {meta.get('gen_tokens', '?')} greedy tokens. Checkpoint "
              f"`{meta.get('checkpoint')}`, scope threshold {meta.get('scope_threshold')}, {meta.get('date')}, "
              f"{meta.get('machine')}.")]
     write_table(d / "summary.md", f"facts: {meta.get('data')}", notes, objs, TABLE_COLUMNS)
     return d
+
+
+def _sentence_steps(meta: dict[str, Any]) -> Any:
+    """The refinement steps a sentence took in a run (`Refinement.steps_for`), from its recorded options."""
+    steps, sentence = meta.get("refine_steps", "?"), meta.get("refine_sentence_steps")
+    return 0 if steps == 0 else (steps if sentence is None else sentence)
