@@ -26,11 +26,12 @@ class Refinement:
     """Write-time latent refinement: what the encoder gives is improved by a few gradient steps on the latent.
 
     Each fact's latent z (C,) starts at the encoder's output and takes at most ``steps`` Adam steps (learning rate
-    ``lr``) that lower the decoder's NLL of the fact as it will be read (`refinement_targets`): for an edit
-    request, the answer after its prompt; for a plain sentence, the rest of the sentence after each of up to
-    ``sentence_splits`` of its beginnings (so every word of a multi-word answer is carried, and the sentence's end
-    too). Each target decodes from the one-fact read of z at the target prompt's query latent (what the keyed
-    read returns). Only the latents move: no weight of the encoder, the memory or the decoder changes, and the
+    ``lr``; ``sentence_steps`` for a plain sentence) that lower the decoder's NLL of the fact as it will be read
+    (`refinement_targets`): for an edit request, the answer after its prompt; for a plain sentence, the rest of
+    the sentence after each of up to ``sentence_splits`` of its beginnings that end before a content word (so every
+    word of a multi-word answer is carried, and the sentence's end too), and their question reads. Each target
+    decodes from z itself with the recall and nearest reads, else from the one-fact read of z at the target
+    prompt's query latent (what the keyed read returns). Only the latents move: no weight of the encoder, the memory or the decoder changes, and the
     refined latent is written, read and forgotten like any other. ``steps = 0`` writes the encoder's latent (the
     paper's one-shot write).
 
@@ -46,8 +47,9 @@ class Refinement:
         stop_nll: a fact stops early once the mean NLL per token of its targets is below this (None: never; the
             answer is then the decoder's argmax with a margin).
         sentence_questions: also refine a plain sentence (one without "?") on question-shaped reads of it: for
-            each beginning, "Q: <beginning>? A:" followed by the rest (`refinement_targets`), so that the latent
-            makes the decoder answer a question with the fact's words first.
+            each beginning whose rest is a bare answer, "Q: <beginning>? A:" followed by the rest
+            (`refinement_targets`), so that the latent makes the decoder answer a question with the fact's words
+            first.
     """
 
     steps: int = 5
