@@ -58,8 +58,9 @@ from larimar.solvers import (
 logger = logging.getLogger(__name__)
 
 READ_MODES = ("keyed", "recall", "memory", "nearest")
-"""How a memory of items is read for a query: `ItemMemory.read_keyed` at the nearest item (default), `ItemMemory.read`
-with the query's latent (the paper), or the nearest item's stored latent (an ablation that bypasses the memory)."""
+"""How a memory of items is read for a query: `ItemMemory.read_keyed` at the nearest item, projected on the query's
+latent ("keyed") or not ("recall", the default); `ItemMemory.read` with the query's latent (the paper); or the nearest
+item's stored latent (an ablation that bypasses the memory)."""
 
 
 @dataclass

@@ -3,16 +3,16 @@
 Per query (`route`):
     1. scope: the query's nearest written fact by sentence-embedding cosine (per sentence of the query); below
        the threshold the query is out of scope and decodes with z = 0 (exactly the plain decoder);
-    2. in scope, `read_at` with the query's latent z_q = e(query):
+    2. in scope, `read_at` (with the query's latent z_q = e(query) where the read mode uses it):
        - ``"keyed"``: the memory addressed with the stored key of the nearest fact, projected as in a
          one-fact memory (`ItemMemory.read_keyed`). With exact solves this returns the nearest fact's stored latent
          scaled by the query's projection on it: it is a lookup of the stored latent, located by the scope
          detector's nearest-neighbour search (docs/method.md, "The keyed read");
+       - ``"recall"`` (default): the same read-out w_i M, not projected: the fact's stored latent up to the ridge
+         whatever the query's wording (a question reads what its sentence was written with); a lookup through the
+         memory that needs no query latent;
        - ``"memory"`` (the paper's read): the projection of z_q on the span of every written latent
          (`ItemMemory.read`); right for one fact, but with N >= C facts it returns z_q itself;
-       - ``"recall"`` (default): the memory addressed with the stored key of the nearest fact, not projected: the read-out
-         w_i M, which is the fact's stored latent up to the ridge whatever the query's wording (a question reads
-         what its sentence was written with); a lookup through the memory, that needs no query latent;
        - ``"nearest"`` (an ablation that bypasses the memory): the nearest fact's stored latent;
     3. the decoder is conditioned on the returned latent.
 """

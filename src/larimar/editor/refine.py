@@ -31,8 +31,8 @@ class Refinement:
     the sentence after each of up to ``sentence_splits`` of its beginnings that end before a content word (so every
     word of a multi-word answer is carried, and the sentence's end too), and their question reads. Each target
     decodes from z itself with the recall and nearest reads, else from the one-fact read of z at the target
-    prompt's query latent (what the keyed read returns). Only the latents move: no weight of the encoder, the memory or the decoder changes, and the
-    refined latent is written, read and forgotten like any other. ``steps = 0`` writes the encoder's latent (the
+    prompt's query latent (what the keyed read returns). Only the latents move: no weight of the encoder, the
+    memory or the decoder changes, and the refined latent is written, read and forgotten like any other. ``steps = 0`` writes the encoder's latent (the
     paper's one-shot write).
 
     Attributes:
@@ -77,7 +77,6 @@ class Refinement:
         if self.stop_nll is not None and not self.stop_nll > 0:
             raise ValueError(f"refinement stop_nll must be > 0 or None, got {self.stop_nll!r}")
 
-
     def steps_for(self, sentence: bool) -> int:
         """The most steps for a fact: ``sentence_steps`` for a plain sentence (if set), else ``steps``; 0 when
         ``steps`` is 0."""
@@ -118,15 +117,20 @@ def refinement_targets(sentence: str, request: EditRequest | None, splits: int =
         return [("", sentence)]
     lo = max(1, len(words) // 2)
     cuts = [k for k in range(lo, len(words))  # where an answer may start: before a content word, and the last
-            if k == len(words) - 1 or words[k].strip(",;:.!").lower() not in _FUNCTION_WORDS]
+            if k == len(words) - 1 or not _is_function_word(words[k])]
     if len(cuts) > splits:  # evenly spread, the last cut kept
         cuts = sorted({cuts[round(i * (len(cuts) - 1) / (splits - 1))] for i in range(splits)}) if splits > 1 \
             else cuts[-1:]
     pairs = [(" ".join(words[:k]).rstrip(), " " + " ".join(words[k:])) for k in cuts]
     if questions and "?" not in sentence:  # a bare answer: no "in", "was", "the" ... in it
         pairs += [(f"Q: {head.rstrip(' ,;:')}? A:", rest) for head, rest in pairs
-                  if not any(w.strip(",;:.!").lower() in _FUNCTION_WORDS for w in rest.split())]
+                  if not any(_is_function_word(w) for w in rest.split())]
     return pairs
+
+
+def _is_function_word(word: str) -> bool:
+    """Whether a word (punctuation stripped, case-folded) is one an answer does not start with or contain."""
+    return word.strip(",;:.!").lower() in _FUNCTION_WORDS
 
 
 _FUNCTION_WORDS = frozenset(
@@ -183,8 +187,8 @@ def refine_latents(
         refinement: steps, learning rate, batch limits, early stop.
         owner: R fact indices, the fact each target belongs to (default: target i is fact i, R = n). A fact's
             loss is the mean of its targets' NLLs.
-        steps: n per-fact step limits (default: ``refinement.steps`` for every fact); a fact past its limit keeps
-            its latent while the others of its batch go on.
+        steps: n per-fact step limits (default: ``refinement.steps`` for every fact); facts are batched with
+            facts of the same limit, and a limit of 0 keeps the encoder's latent.
 
     Returns:
         (n, C) float32 refined latents on ``Z``'s device (``Z`` itself when ``refinement.steps == 0``).
@@ -210,10 +214,16 @@ def refine_latents(
     for r, f in enumerate(owner):
         targets_of[f].append(r)
     longest = [max(1 + p_len[r] + c_len[r] for r in targets_of[f]) for f in range(n)]
-    batches = length_batches(longest, refinement.batch_size, refinement.max_tokens, [len(t) for t in targets_of])
+    batches: list[tuple[int, list[int]]] = []  # (step limit, facts): facts of one limit are refined together
+    for lim in sorted(set(limit) - {0}):
+        group = [f for f in range(n) if limit[f] == lim]
+        batches += [(lim, [group[i] for i in b]) for b in length_batches(
+            [longest[f] for f in group], refinement.batch_size, refinement.max_tokens,
+            [len(targets_of[f]) for f in group])]
     with torch.inference_mode(False), torch.enable_grad():
-        out = torch.empty(Z.shape, dtype=torch.float32, device=Z.device)  # (n, C), a normal tensor to fill in place
-        for facts in tqdm(batches, desc="refining latents", unit="batch", disable=len(batches) < 2, leave=False):
+        out = Z.detach().to(torch.float32).clone()  # (n, C), a normal tensor filled in place; limit 0 keeps Z
+        for lim, facts in tqdm(batches, desc="refining latents", unit="batch", disable=len(batches) < 2,
+                               leave=False):
             rows = [r for f in facts for r in targets_of[f]]
             local = torch.tensor([facts.index(owner[r]) for r in rows], device=model.device)  # (b_rows,)
             weight = 1.0 / torch.tensor([len(targets_of[owner[r]]) for r in rows], device=model.device)  # (b_rows,)
@@ -223,9 +233,7 @@ def refine_latents(
             ps, cs = [prompts[r] for r in rows], [continuations[r] for r in rows]
             opt = torch.optim.Adam([z], lr=refinement.lr)
             done = torch.zeros(len(facts), dtype=torch.bool, device=model.device)  # (b,)
-            fact_limit = torch.tensor([limit[f] for f in facts], device=model.device)  # (b,)
-            for step in range(int(fact_limit.max())):
-                done |= fact_limit <= step  # (b,): facts past their step limit keep their latent
+            for _ in range(lim):
                 zr = z[local]  # (b_rows, C)
                 latent = zr if q is None else one_fact_read(q, zr)  # (b_rows, C)
                 nll = model.continuation_nll(ps, cs, latent).float()  # (b_rows,)

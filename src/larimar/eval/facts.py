@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from larimar.data import iter_json_lines
+from larimar.editor.refine import Refinement
 from larimar.eval.editors import LarimarEditor, NoEditEditor, RagEditor
 from larimar.eval.metrics import mean_of, ngram_entropy, starts_with, token_accuracy
 from larimar.eval.report import write_cases, write_table
@@ -400,6 +401,7 @@ def write_facts_outputs(out_dir: str | Path, summaries: Sequence[dict[str, Any]]
 
 
 def _sentence_steps(meta: dict[str, Any]) -> Any:
-    """The refinement steps a sentence took in a run (`Refinement.steps_for`), from its recorded options."""
-    steps, sentence = meta.get("refine_steps", "?"), meta.get("refine_sentence_steps")
-    return 0 if steps == 0 else (steps if sentence is None else sentence)
+    """The refinement steps a sentence took in a run, from its recorded options ("?" if not recorded)."""
+    if not isinstance(meta.get("refine_steps"), int):
+        return "?"
+    return Refinement(steps=meta["refine_steps"], sentence_steps=meta.get("refine_sentence_steps")).steps_for(True)

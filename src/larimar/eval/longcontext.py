@@ -15,9 +15,9 @@ write each, so a document longer than K sentences is a list of memories. A quest
 one latent, chosen hierarchically:
 
     scope      (default) the chunk memory holding the sentence nearest to the question (scope encoder cosine, per
-               sentence of the question) is read with the question's latent: z = M_g read(e(question)), or with
-               addressed with that sentence's key: ``read_mode="recall"`` (the default) z = M_g read_keyed(s), or
-               ``read_mode="keyed"`` its projection on the question z = M_g read_keyed(s, e(q));
+               sentence of the question) is addressed with that sentence's key: z = M_g read_keyed(s)
+               (``read_mode="recall"``, the default), its projection on the question z = M_g read_keyed(s, e(q))
+               (``"keyed"``), or read with the question's latent z = M_g read(e(question)) (``"memory"``);
     recursive  every chunk memory is read with the question's latent, the G read-outs are written into a top-level
                memory and that memory is read again with the question's latent (the paper's recursive read);
     nearest    (``read_mode="nearest"``, an ablation) the latent of the nearest sentence itself.
