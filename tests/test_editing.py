@@ -15,10 +15,14 @@ from larimar.cli.main import main as cli_main
 from larimar.data import EditRequest
 from larimar.editor import Larimar, Refinement
 from larimar.editor.refine import (
+    answer_reads,
     length_batches,
     refine_latents,
     refinement_target,
     refinement_targets,
+    stop_targets,
+    tail_targets,
+    wh_question,
 )
 from larimar.facts import fact_sentence
 from larimar.scope import ScopeDetector
@@ -199,6 +203,25 @@ def test_refine_latents_lowers_the_read_nll_and_changes_no_weight():
         refine_latents(model, Z, prompts, answers, Q, Refinement(), steps=[5])
 
 
+def test_refine_latents_target_weights_are_relative_within_a_fact():
+    model = tiny_larimar().model
+    prompts, answers = ["messi plays the sport of", "messi plays the sport of"], [" tennis", " football"]
+    with torch.no_grad():
+        Z = model.encode_texts(["messi plays the sport of tennis"])  # (1, C): one fact, two targets
+    ref = Refinement(steps=10, lr=0.5)
+    R = refine_latents(model, Z, prompts, answers, None, ref, owner=[0, 0])
+    torch.testing.assert_close(refine_latents(model, Z, prompts, answers, None, ref, [0, 0], weights=[3, 3]), R)
+    Rt = refine_latents(model, Z, prompts, answers, None, ref, [0, 0], weights=[10.0, 0.1])  # tennis counts most
+    Rf = refine_latents(model, Z, prompts, answers, None, ref, [0, 0], weights=[0.1, 10.0])
+    with torch.no_grad():
+        nt = model.continuation_nll(prompts, answers, Rt.expand(2, -1))
+        nf = model.continuation_nll(prompts, answers, Rf.expand(2, -1))
+    assert nt[0] < nf[0] and nf[1] < nt[1]
+    for bad in ([1.0], [1.0, 0.0], [1.0, -2.0]):
+        with pytest.raises(ValueError, match="weights"):
+            refine_latents(model, Z, prompts, answers, None, ref, [0, 0], weights=bad)
+
+
 def test_length_batches_sort_by_length_and_respect_both_limits():
     lengths = [30, 5, 12, 5, 200, 11, 6]
     batches = length_batches(lengths, batch_size=3, max_tokens=36)
@@ -221,26 +244,100 @@ def test_refinement_target_of_requests_and_sentences():
 def test_refinement_targets_splits_and_question_reads():
     s = "The CEO of Northwind Traders is Maria Okafor."
     assert refinement_targets(s, None) == [refinement_target(s, None)]
-    four = refinement_targets(s, None, splits=4)  # cuts before a content word, in the second half
-    assert four == [("The CEO of Northwind", " Traders is Maria Okafor."), ("The CEO of Northwind Traders is",
-                    " Maria Okafor."), ("The CEO of Northwind Traders is Maria", " Okafor.")]
-    assert all(p + c == s for p, c in four)  # every pair is the sentence cut once
+    four = refinement_targets(s, None, splits=4)  # cuts before a content word, in the second half, not in a name
+    assert four == [("The CEO of Northwind Traders is", " Maria Okafor.")]
     long = "Quellmark Robotics was founded in the year 2011 by the engineer Tomasz Wieland of Gdansk."
+    cuts = refinement_targets(long, None, splits=8)
+    assert [c for _, c in cuts] == [" 2011 by the engineer Tomasz Wieland of Gdansk.",
+                                    " engineer Tomasz Wieland of Gdansk.", " Tomasz Wieland of Gdansk.", " Gdansk."]  # not before "by" or "Wieland"
+    assert all(p + c == long for p, c in cuts)  # every pair is the sentence cut once
     two = refinement_targets(long, None, splits=2)
-    last = ("Quellmark Robotics was founded in the year 2011 by the engineer Tomasz Wieland of", " Gdansk.")
-    assert len(two) == 2 and two[-1] == last  # the last cut is always kept
+    assert two == [cuts[0], cuts[-1]]  # evenly spread, the last cut always kept
+    dates = refinement_targets("The launch date of USA-88 is 3 March 1993.", None, splits=4)
+    assert [c for _, c in dates] == [" USA-88 is 3 March 1993.", " 3 March 1993."]  # a date is never cut
+    assert refinement_targets("Q: Who is it? A: Maria Okafor.", None, splits=4)[-1] == \
+        ("Q: Who is it? A:", " Maria Okafor.")  # "A: | Maria" is not inside a name
+    assert refinement_targets("Ann Lee.", None, splits=4) == [("Ann", " Lee.")]  # no cut left: the last word
     with_q = refinement_targets(s, None, splits=4, questions=True)
     assert with_q == four + [("Q: The CEO of Northwind Traders is? A:", " Maria Okafor."),
-                             ("Q: The CEO of Northwind Traders is Maria? A:", " Okafor.")]  # bare answers only
+                             ("Q: Who is the CEO of Northwind Traders? A:", " Maria Okafor.")]
+    born = refinement_targets("Bryan Crawford was born in the town of Bolton.", None, splits=4, questions=True)
+    assert [p for p, c in born if p.startswith("Q:")] == ["Q: Bryan Crawford was born in the town of? A:"]
     assert refinement_targets("Q: Who leads it? A: Maria.", None, splits=2, questions=True) == \
         refinement_targets("Q: Who leads it? A: Maria.", None, splits=2)  # already a question: no second read
     req = EditRequest(prompt="{} plays the sport of", subject="messi", target_new="tennis")
     assert refinement_targets(req.sentence, req, splits=4, questions=True) == [refinement_target(req.sentence, req)]
 
 
+def test_answer_reads_and_tail_targets_follow_the_answer_with_the_plain_continuation():
+    s = "The CEO of Northwind Traders is Maria Okafor."
+    reads = answer_reads(refinement_targets(s, None, splits=4, questions=True))
+    assert reads == [("The CEO of Northwind Traders is", " Maria Okafor."),
+                     ("Q: Who is the CEO of Northwind Traders? A:", " Maria Okafor.")]  # the wh read, not "is? A:"
+    assert answer_reads(refinement_targets(s, None, splits=4, questions=False)) == reads[:1]
+    assert answer_reads([("Alix Perez is a citizen", " of Brazil.")]) == []  # no bare answer: nothing to follow
+    model = tiny_larimar().model
+    with torch.inference_mode():
+        tail = model.generate_text([s], None, 3)[0]  # the plain decoder (z = 0) after the whole sentence
+    got = tail_targets(model, [s, FACT], [reads, []], tokens=3)
+    assert tail.strip()  # the tiny seeded decoder says something after it
+    assert got[0] == [(s, tail), ("Q: Who is the CEO of Northwind Traders? A: Maria Okafor.", tail)]
+    assert got[1] == []  # no answer read: no tail
+    assert tail_targets(model, [s], [reads], tokens=0) == [[]]
+    assert tail_targets(model, [], [], tokens=3) == []
+
+
+def test_stop_targets_end_the_question_read_or_both_answer_reads():
+    reads = [("The CEO of Northwind Traders is", " Maria Okafor."), ("Q: Who is the CEO? A:", " Maria Okafor.")]
+    assert stop_targets(reads, "<eos>", "questions") == [("Q: Who is the CEO? A: Maria Okafor.", "<eos>")]
+    assert stop_targets(reads, "<eos>", "answers") == [("The CEO of Northwind Traders is Maria Okafor.", "<eos>"),
+                                                       ("Q: Who is the CEO? A: Maria Okafor.", "<eos>")]
+    assert stop_targets(reads, "<eos>", "none") == [] and stop_targets([], "<eos>", "answers") == []
+    with pytest.raises(ValueError, match="stop mode"):
+        stop_targets(reads, "<eos>", "sometimes")
+
+
+def test_cli_choices_match_the_library():
+    from larimar.cli import options
+    from larimar.editor import refine
+    from larimar.memory import READ_MODES
+
+    assert options.STOP_MODES == refine.STOP_MODES and options.READ_MODES == READ_MODES
+
+
+def test_edit_with_tails_or_stops_refines_sentences_on_more_targets_and_leaves_requests_alone():
+    req = EditRequest(prompt="{} plays the sport of", subject="messi", target_new="tennis")
+    s = "The CEO of Northwind Traders is Maria Okafor."
+    base = tiny_larimar(refinement=Refinement(steps=3, lr=0.5, sentence_stop="none"))
+    _, Z0 = base.fact_latents([req, s])
+    for extra in ({"sentence_tail_tokens": 4}, {"sentence_stop": "questions"}, {"sentence_stop": "answers"}):
+        _, Z1 = tiny_larimar(refinement=Refinement(steps=3, lr=0.5, **extra)).fact_latents([req, s])
+        torch.testing.assert_close(Z1[0], Z0[0], atol=1e-4, rtol=1e-4)  # a request: no extra target, same latent
+        assert (Z1[1] - Z0[1]).norm() > 1e-4, extra  # the sentence: refined on its tails / its end too
+
+
+@pytest.mark.parametrize("head, answer, question", [
+    ("The CEO of Northwind Traders is", " Maria Okafor.", "Who is the CEO of Northwind Traders?"),
+    ("The capital of Zubrowka is", " Lutz.", "What is the capital of Zubrowka?"),
+    ("Bryan Crawford was born in", " Bolton.", "Where was Bryan Crawford born?"),
+    ("Project Bluebird was cancelled in", " March 2026.", "When was Project Bluebird cancelled?"),
+    ("The Pathfinder One satellite was launched on", " 9 October 2024.", "When was the Pathfinder One satellite launched?"),
+    ("The drug Lumarexin was developed by", " Castor Pharmaceuticals.", "Who was the drug Lumarexin developed by?"),
+    ("Boris Tchaikovsky works as", " actor.", None),  # no copula
+    ("Stonehouse Bay is located in the continent", " Europe.", None),  # not a copula or a preposition at the end
+    ("Alix Perez is a citizen of", " Brazil.", None),  # "of": no wh-word
+    ("is", " Rome.", None),
+])
+def test_wh_question_rules(head, answer, question):
+    assert wh_question(head, answer) == question
+
+
 @pytest.mark.parametrize("kw, match", [({"steps": -1}, "steps"), ({"steps": 1.5}, "steps"), ({"lr": 0.0}, "rate"),
                                        ({"batch_size": 0}, "batch_size"), ({"max_tokens": 0}, "max_tokens"),
-                                       ({"sentence_steps": -1}, "sentence_steps")])
+                                       ({"sentence_steps": -1}, "sentence_steps"),
+                                       ({"sentence_tail_tokens": -1}, "sentence_tail_tokens"),
+                                       ({"sentence_stop": "always"}, "sentence_stop"),
+                                       ({"sentence_stop_weight": 0.0}, "sentence_stop_weight")])
 def test_refinement_config_is_checked(kw, match):
     with pytest.raises(ValueError, match=match):
         Refinement(**kw)
@@ -452,7 +549,8 @@ def test_cli_edit_list_ask_forget_export_import(tmp_path, capsys, checkpoint):
     for argv in (["forget", "nope", *common], ["edit", "  ", *common], ["memories", "show", "nope", "--store",
                                                                           str(tmp_path / "s")],
                  ["ask", PROMPT, "--checkpoint", str(tmp_path / "missing"), "--store", str(tmp_path / "s")],
-                 ["edit", FACT, "--namespace", "bad name!", *common], ["edit", FACT, "--refine-steps", "-2", *common]):
+                 ["edit", FACT, "--namespace", "bad name!", *common], ["edit", FACT, "--refine-steps", "-2", *common],
+                 ["edit", FACT, "--refine-tail-tokens", "-1", *common]):
         code, out, err = run_cli(capsys, *argv)
         assert code == 2, argv
         assert err.startswith("larimar: error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err

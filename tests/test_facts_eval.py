@@ -10,6 +10,7 @@ import pytest
 from tiny_larimar import save_tiny_checkpoint, tiny_larimar
 
 from larimar.cli.main import main
+from larimar.editor.refine import Refinement
 from larimar.eval.editors import RagEditor
 from larimar.eval.facts import (
     QA,
@@ -18,9 +19,10 @@ from larimar.eval.facts import (
     evaluate_facts,
     is_own_prefix,
     load_fact_file,
+    refined_prompts,
     write_facts_outputs,
 )
-from larimar.eval.metrics import ngram_entropy
+from larimar.eval.metrics import ends_after_answer, ngram_entropy, repeats_answer
 
 FACTS = Path(__file__).resolve().parent / "fixtures" / "facts_tiny.jsonl"
 
@@ -90,6 +92,19 @@ def test_ngram_entropy_is_rome_weighted_bi_tri_gram_entropy():
     assert ngram_entropy("Rome is a city. It is old, and it is large.") > ngram_entropy("Rome Rome Rome Rome Rome")
 
 
+@pytest.mark.parametrize("text, answer, repeats, ends", [
+    (" Maria Okafor. Maria Okafor is Maria Okafor.", "Maria Okafor", True, False),
+    (" Maria Okafor.", "Maria Okafor", False, True),
+    (" maria okafor!\n", "Maria Okafor", False, True),
+    (" Maria Okafor, who leads it.", "Maria Okafor", False, False),
+    (" John Smith. Maria Okafor.", "Maria Okafor", False, False),  # not the answer first: never ends after it
+    (" Rome. Rome is Rome.", "Rome", True, False),
+    ("", "Rome", False, False),
+])
+def test_repeats_and_ends_after_answer(text, answer, repeats, ends):
+    assert repeats_answer(text, answer) is repeats and ends_after_answer(text, answer) is ends
+
+
 def _fake_generation(items: list[FactItem]):
     """Generations by method: larimar (a latent given) answers only the own-prefix questions; rag (a context line
     before the prompt) answers everything; the plain decoder answers only the unrelated prompts."""
@@ -103,7 +118,7 @@ def _fake_generation(items: list[FactItem]):
         for p in prompts:
             if latent is not None:  # Larimar.ask
                 k, a = kind[p]
-                out.append(f"  {a.upper()} is a fact ." if k == "own" else (" wrong answer here" if k == "q" else " no"))
+                out.append(f"  {a.upper()} is a fact . {a}" if k == "own" else (" wrong answer here" if k == "q" else " no"))
             elif "\n" in p:  # rag: the fact sentence, a newline, the prompt
                 out.append(" " + kind[p.split("\n", 1)[1]][1])
             else:
@@ -140,7 +155,11 @@ def test_evaluate_facts_metrics_on_hand_made_generations(monkeypatch):
     assert (by["larimar"]["own_prefix_em"], by["larimar"]["question_em"], by["larimar"]["unrelated_em"]) == (1, 0, 0)
     assert (by["rag"]["own_prefix_em"], by["rag"]["question_em"], by["rag"]["unrelated_em"]) == (1, 1, 1)
     assert (by["none"]["own_prefix_em"], by["none"]["question_em"], by["none"]["unrelated_em"]) == (0, 0, 1)
-    own = [f"  {q.answer.upper()} is a fact ." for it in items for q in it.questions if is_own_prefix(it.fact, q.prompt)]
+    # "Q: What is the capital of France? A:" is the wh-question read fact 0 is refined on: kept apart as a fit
+    assert [c["refined_prompt"] for c in cases if c["kind"] == "question"] == [True, False, False, False]
+    assert all(s["n_questions_refined"] == 1 for s in summaries)
+    assert by["rag"]["question_em_unseen"] == 1 and by["larimar"]["question_em_unseen"] == 0
+    own = [f"  {q.answer.upper()} is a fact . {q.answer}" for it in items for q in it.questions if is_own_prefix(it.fact, q.prompt)]
     expected = (sum(ngram_entropy(t) for t in own) + 4 * ngram_entropy(" wrong answer here")) / 8
     assert by["larimar"]["fluency"] == pytest.approx(expected)
     unedited = ngram_entropy(" nothing to see")
@@ -148,6 +167,10 @@ def test_evaluate_facts_metrics_on_hand_made_generations(monkeypatch):
         assert s["fluency_unedited"] == pytest.approx(unedited)
     assert by["none"]["fluency"] == pytest.approx(unedited) and by["none"]["fluency_ratio"] == pytest.approx(1.0)
     assert by["larimar"]["fluency_ratio"] == pytest.approx(expected / unedited)
+    # right answers: larimar's say the answer again and go on, rag's are the answer alone; none has none right
+    assert (by["larimar"]["answer_repeat_rate"], by["larimar"]["answer_end_rate"]) == (1, 0)
+    assert (by["rag"]["answer_repeat_rate"], by["rag"]["answer_end_rate"]) == (0, 1)
+    assert by["none"]["answer_repeat_rate"] is None and by["none"]["answer_end_rate"] is None
     assert by["larimar"]["question_scope_rate"] == 1.0 and by["rag"]["unrelated_scope_rate"] == 1.0
     assert by["none"]["question_scope_rate"] is None
     assert by["larimar"]["edit_ms_median"] > 0 and by["rag"]["edit_ms_median"] >= 0
@@ -155,10 +178,19 @@ def test_evaluate_facts_metrics_on_hand_made_generations(monkeypatch):
     assert len(cases) == 8 + 3
     c = cases[0]
     assert (c["fact_index"], c["kind"], c["prompt"], c["answer"]) == (0, "own_prefix", "The capital of France is", "Rome")
-    assert c["results"]["larimar"]["text"] == "  ROME is a fact ." and c["results"]["larimar"]["em"] is True
+    assert c["results"]["larimar"]["text"] == "  ROME is a fact . Rome" and c["results"]["larimar"]["em"] is True
     assert c["results"]["none"]["in_scope"] is None
     assert [r["kind"] for r in cases[:3]] == ["own_prefix", "question", "unrelated"]
     assert cases[2]["results"]["larimar"]["fluency"] is None and cases[2]["results"]["larimar"]["token_acc"] is None
+
+
+def test_refined_prompts_follow_the_editors_refinement():
+    items = load_fact_file(FACTS)
+    refined = refined_prompts(tiny_larimar(), items)
+    assert "Q: What is the capital of France? A:" in refined[0] and "The capital of France is" in refined[0]
+    assert refined_prompts(tiny_larimar(refinement=Refinement(steps=0)), items) == [set()] * 4
+    no_q = refined_prompts(tiny_larimar(refinement=Refinement(sentence_questions=False)), items)
+    assert not any(p.startswith("Q:") for ps in no_q for p in ps)
 
 
 def test_fluency_unedited_without_the_none_method(monkeypatch):
@@ -227,7 +259,7 @@ def test_cli_eval_facts_end_to_end(checkpoint, tmp_path, capsys):
     out = tmp_path / "facts"
     code = main(["eval", "facts", "--data", str(FACTS), "--out", str(out), "--checkpoint", str(checkpoint),
                  "--scope-encoder", "larimar", "--limit", "3", "--gen-tokens", "4", "--batch-size", "4",
-                 "--refine-steps", "1"])
+                 "--refine-steps", "1", "--refine-tail-tokens", "2"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "| method |" in captured.out and "| rag |" in captured.out
@@ -237,7 +269,7 @@ def test_cli_eval_facts_end_to_end(checkpoint, tmp_path, capsys):
         for key in (*SUMMARY_KEYS, "data", "limit", "gen_tokens", "checkpoint", "refine_steps", "scope_threshold",
                     "date", "machine"):
             assert key in s, key
-        assert s["n_facts"] == 3 and s["n_questions"] == 6 and s["refine_steps"] == 1
+        assert s["n_facts"] == 3 and s["n_questions"] == 6 and s["refine_steps"] == 1 and s["refine_tail_tokens"] == 2
     assert len((out / "cases.jsonl").read_text().splitlines()) == 6 + 3
     assert (out / "summary.md").read_text().startswith("# facts:")
 
@@ -253,3 +285,31 @@ def test_cli_eval_facts_usage_errors(checkpoint, tmp_path, capsys):
     assert main(["eval", "facts", "--data", str(bad), *common]) == 2
     assert "line 1: 'questions'" in capsys.readouterr().err
     assert main(["eval", "facts", "--data", str(tmp_path / "nowhere.jsonl"), *common]) == 2
+
+
+# -- the real default models on a slice of the development set ------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "zsre").is_dir(), reason="no shared data")
+def test_eval_facts_on_a_dev_slice_with_the_shipped_checkpoint(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    dev = tmp_path / "dev.jsonl"  # built from the train splits in place, as benchmarks/make_facts_dev.py documents
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "make_facts_dev.py"), "--shared", str(SHARED),
+                    "--out", str(dev)], check=True, capture_output=True)
+    assert len(dev.read_text().splitlines()) >= 150
+    out = tmp_path / "facts"
+    code = main(["eval", "facts", "--data", str(dev), "--limit", "6", "--gen-tokens", "16", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    by = {s["method"]: s for s in json.loads((out / "summary.json").read_text())}
+    assert set(by) == {"larimar", "rag", "none"} and by["larimar"]["n_facts"] == 6
+    # six sentences in one memory: their own beginnings come back (a fit) and the answers' tokens are carried,
+    # far beyond the unedited decoder, which does not know the new facts
+    assert by["larimar"]["own_prefix_em"] >= 0.5 and by["none"]["own_prefix_em"] <= 1 / 6
+    assert by["larimar"]["answer_token_acc"] >= by["none"]["answer_token_acc"] + 0.3
+    assert by["larimar"]["question_em"] > by["none"]["question_em"]

@@ -19,6 +19,7 @@ from typing import Any
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 READ_MODES = ("keyed", "recall", "memory", "nearest")  # larimar.memory.READ_MODES (kept import-free for a fast --help)
+STOP_MODES = ("none", "questions", "answers")  # larimar.editor.refine.STOP_MODES (import-free, as above)
 SLOT_INITS = ("random", "eye")  # larimar.memory.SLOT_INITS
 
 
@@ -55,6 +56,11 @@ class ModelOptions:
         refine_splits: beginnings of a plain sentence its latent is refined after (`Refinement.sentence_splits`).
         refine_stop_nll: stop refining a fact once its targets' NLL per token is below this (None: never).
         refine_questions: also refine a plain sentence on question-shaped reads ("Q: <beginning>? A:" -> the rest).
+        refine_tail_tokens: also refine a plain sentence on the plain decoder's continuation after its answer, this
+            many tokens (`Refinement.sentence_tail_tokens`; 0: off).
+        refine_stop: also refine a plain sentence on ending after its answer: none, questions or answers
+            (`Refinement.sentence_stop`).
+        refine_stop_weight: the weight of those end targets against 1 for the others (`Refinement.sentence_stop_weight`).
     """
 
     checkpoint: str | None = None
@@ -69,6 +75,9 @@ class ModelOptions:
     refine_splits: int = 4
     refine_stop_nll: float | None = None
     refine_questions: bool = True
+    refine_tail_tokens: int = 0
+    refine_stop: str = "questions"
+    refine_stop_weight: float = 0.3
 
     @staticmethod
     def add_to(p: argparse.ArgumentParser, ablations: bool = True) -> None:
@@ -105,6 +114,14 @@ class ModelOptions:
         p.add_argument("--refine-questions", action=argparse.BooleanOptionalAction, default=d.refine_questions,
                        help="also refine a plain sentence on question-shaped reads of it ('Q: <beginning>? A:' -> "
                             f"a bare answer; default {d.refine_questions})")
+        p.add_argument("--refine-tail-tokens", type=int, default=d.refine_tail_tokens,
+                       help="also refine a plain sentence on what the unedited decoder says after its answer, this "
+                            f"many greedy tokens, so the answer ends cleanly (default {d.refine_tail_tokens}; 0: off)")
+        p.add_argument("--refine-stop", choices=STOP_MODES, default=d.refine_stop,
+                       help="also refine a plain sentence on the end-of-text token after its answer: after its "
+                            f"question read, after both answer reads, or none (default {d.refine_stop})")
+        p.add_argument("--refine-stop-weight", type=float, default=d.refine_stop_weight,
+                       help=f"the weight of those end targets against 1 for the others (default {d.refine_stop_weight})")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelOptions:
@@ -120,7 +137,8 @@ class ModelOptions:
 
         return Refinement(steps=self.refine_steps, sentence_steps=self.refine_sentence_steps, lr=self.refine_lr,
                           sentence_splits=self.refine_splits, stop_nll=self.refine_stop_nll,
-                          sentence_questions=self.refine_questions)
+                          sentence_questions=self.refine_questions, sentence_tail_tokens=self.refine_tail_tokens,
+                          sentence_stop=self.refine_stop, sentence_stop_weight=self.refine_stop_weight)
 
     def build(self, scope_mode: str = "prompt") -> Any:
         """The `larimar.editor.Larimar` these options describe (weights loaded quietly)."""
@@ -140,7 +158,8 @@ class ModelOptions:
                 "read_mode": self.read_mode, "refine_steps": self.refine_steps,
                 "refine_sentence_steps": self.refine_sentence_steps, "refine_lr": self.refine_lr,
                 "refine_splits": self.refine_splits, "refine_stop_nll": self.refine_stop_nll,
-                "refine_questions": self.refine_questions}
+                "refine_questions": self.refine_questions, "refine_tail_tokens": self.refine_tail_tokens,
+                "refine_stop": self.refine_stop, "refine_stop_weight": self.refine_stop_weight}
 
 
 @dataclass

@@ -38,7 +38,14 @@ from larimar.editor.read import (
     route,
     route_each,
 )
-from larimar.editor.refine import Refinement, refine_latents, refinement_targets
+from larimar.editor.refine import (
+    Refinement,
+    answer_reads,
+    refine_latents,
+    refinement_targets,
+    stop_targets,
+    tail_targets,
+)
 from larimar.facts import (
     MAX_TEXT_CHARS,
     EditRequest,
@@ -224,6 +231,20 @@ class Larimar:
             return Z
         targets = [refinement_targets(s, r, self.refinement.sentence_splits, self.refinement.sentence_questions)
                    for s, r in parsed]
+        if self.refinement.sentence_tail_tokens:  # what follows the answer, as the plain decoder says it
+            plain = [f for f, (_, r) in enumerate(parsed) if r is None]
+            tails = tail_targets(self.model, [parsed[f][0] for f in plain], [answer_reads(targets[f]) for f in plain],
+                                 self.refinement.sentence_tail_tokens)
+            for f, ts in zip(plain, tails):
+                targets[f] = targets[f] + ts
+        eos = self.model.decoder_tokenizer.eos_token
+        ends: list[list[tuple[str, str]]] = [[] for _ in parsed]  # the answer, then the end of the text
+        if self.refinement.sentence_stop != "none" and eos:
+            ends = [stop_targets(answer_reads(ts), eos, self.refinement.sentence_stop) if r is None else []
+                    for ts, (_, r) in zip(targets, parsed)]
+        w_end = self.refinement.sentence_stop_weight
+        weights = [w for ts, es in zip(targets, ends) for w in [1.0] * len(ts) + [w_end] * len(es)]
+        targets = [ts + es for ts, es in zip(targets, ends)]
         owner = [f for f, ts in enumerate(targets) for _ in ts]
         prompts = [p for ts in targets for p, _ in ts]
         answers = [c for ts in targets for _, c in ts]
@@ -231,7 +252,7 @@ class Larimar:
         if self.read_mode not in QUERY_FREE_READS:  # the keyed and the paper's read return the one-fact projection
             queries = self.encode_facts([p or parsed[f][0] for p, f in zip(prompts, owner)])  # (R, C)
         steps = [self.refinement.steps_for(sentence=r is None) for _, r in parsed]
-        return refine_latents(self.model, Z, prompts, answers, queries, self.refinement, owner, steps).cpu()
+        return refine_latents(self.model, Z, prompts, answers, queries, self.refinement, owner, steps, weights).cpu()
 
     def edit(self, facts: FactLike | Sequence[FactLike], ids: Sequence[str] | None = None,
              timings: dict[str, float] | None = None) -> list[str]:

@@ -50,6 +50,16 @@ class Refinement:
             each beginning whose rest is a bare answer, "Q: <beginning>? A:" followed by the rest
             (`refinement_targets`), so that the latent makes the decoder answer a question with the fact's words
             first.
+        sentence_tail_tokens: also refine a plain sentence on what follows its answer: the plain decoder's (z = 0)
+            greedy continuation of the sentence, this many tokens, after its answer read and its question read
+            (`answer_reads`, `tail_targets`), so that the decoder goes on after the answer as the unedited one
+            would after the sentence instead of repeating the fact (0: off).
+        sentence_stop: also refine a plain sentence on ending after its answer: the decoder's end-of-text token
+            as the target after its question read ("questions") or after both answer reads ("answers"), so that
+            a question is answered and the answer ends, as the unedited decoder ends its own "Q: ... A:" answers
+            (`stop_targets`; "none": off).
+        sentence_stop_weight: the weight of each such end target in its fact's loss, relative to 1 for every
+            other target.
     """
 
     steps: int = 5
@@ -60,6 +70,9 @@ class Refinement:
     sentence_splits: int = 4
     stop_nll: float | None = None
     sentence_questions: bool = True
+    sentence_tail_tokens: int = 0
+    sentence_stop: str = "questions"
+    sentence_stop_weight: float = 0.3
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -74,6 +87,12 @@ class Refinement:
             raise ValueError(f"refinement max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.sentence_splits, int) or self.sentence_splits < 1:
             raise ValueError(f"refinement sentence_splits must be an integer >= 1, got {self.sentence_splits!r}")
+        if not isinstance(self.sentence_tail_tokens, int) or self.sentence_tail_tokens < 0:
+            raise ValueError(f"refinement sentence_tail_tokens must be an integer >= 0, got {self.sentence_tail_tokens!r}")
+        if self.sentence_stop not in STOP_MODES:
+            raise ValueError(f"refinement sentence_stop must be one of {', '.join(STOP_MODES)}, got {self.sentence_stop!r}")
+        if not self.sentence_stop_weight > 0:
+            raise ValueError(f"refinement sentence_stop_weight must be > 0, got {self.sentence_stop_weight!r}")
         if self.stop_nll is not None and not self.stop_nll > 0:
             raise ValueError(f"refinement stop_nll must be > 0 or None, got {self.stop_nll!r}")
 
@@ -116,16 +135,102 @@ def refinement_targets(sentence: str, request: EditRequest | None, splits: int =
     if len(words) < 2:
         return [("", sentence)]
     lo = max(1, len(words) // 2)
-    cuts = [k for k in range(lo, len(words))  # where an answer may start: before a content word, and the last
-            if k == len(words) - 1 or not _is_function_word(words[k])]
+    cuts = [k for k in range(lo, len(words))  # where an answer may start: before a content word, and the last,
+            if (k == len(words) - 1 or not _is_function_word(words[k]))  # but never inside a name or a number
+            and not _inside_name(words[k - 1], words[k])] or [len(words) - 1]
     if len(cuts) > splits:  # evenly spread, the last cut kept
         cuts = sorted({cuts[round(i * (len(cuts) - 1) / (splits - 1))] for i in range(splits)}) if splits > 1 \
             else cuts[-1:]
     pairs = [(" ".join(words[:k]).rstrip(), " " + " ".join(words[k:])) for k in cuts]
     if questions and "?" not in sentence:  # a bare answer: no "in", "was", "the" ... in it
-        pairs += [(f"Q: {head.rstrip(' ,;:')}? A:", rest) for head, rest in pairs
-                  if not any(_is_function_word(w) for w in rest.split())]
+        bare = [(head, rest) for head, rest in pairs if not any(_is_function_word(w) for w in rest.split())]
+        pairs += [(f"Q: {head.rstrip(' ,;:')}? A:", rest) for head, rest in bare]
+        pairs += [(f"Q: {q} A:", rest) for head, rest in bare if (q := wh_question(head, rest)) is not None]
     return pairs
+
+
+def answer_reads(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Of a sentence's refinement pairs (`refinement_targets`), the ones that end on its answer: the first
+    beginning whose rest is a bare answer, and the last question read of that rest (the wh-question if there is
+    one); none if no rest is bare."""
+    bare = [(p, c) for p, c in pairs if not any(_is_function_word(w) for w in c.split())]
+    plain = [(p, c) for p, c in bare if not p.startswith("Q: ")]
+    if not plain:
+        return []
+    asked = [(p, c) for p, c in bare if p.startswith("Q: ") and c == plain[0][1]]
+    return [plain[0], *asked[-1:]]
+
+
+def tail_targets(model: LarimarModel, sentences: Sequence[str], reads: Sequence[Sequence[tuple[str, str]]],
+                 tokens: int) -> list[list[tuple[str, str]]]:
+    """Per sentence, (prompt + rest, tail) for each of its answer reads (`answer_reads`): ``tail`` is the plain
+    decoder's (z = 0) greedy continuation of ``tokens`` tokens after the whole sentence, what the unedited model
+    says once the fact is stated; the same tail follows the question read too (none where the tail is blank)."""
+    if tokens < 1 or not sentences:
+        return [[] for _ in sentences]
+    with torch.inference_mode():
+        tails = model.generate_text([s.strip() for s in sentences], None, tokens)
+    return [[((p + c) if p else c.lstrip(), t) for p, c in rs] if t.strip() else []
+            for rs, t in zip(reads, tails)]
+
+
+def stop_targets(reads: Sequence[tuple[str, str]], eos: str, which: str) -> list[tuple[str, str]]:
+    """(prompt + rest, eos) for a sentence's answer reads (`answer_reads`: the plain read, then the question
+    read): after the question read only (``which = "questions"``), after both ("answers") or none ("none")."""
+    if which not in STOP_MODES:
+        raise ValueError(f"stop mode must be one of {', '.join(STOP_MODES)}, got {which!r}")
+    chosen = {"none": [], "questions": [r for r in reads if r[0].startswith("Q: ")], "answers": list(reads)}[which]
+    return [((p + c) if p else c.lstrip(), eos) for p, c in chosen]
+
+
+STOP_MODES = ("none", "questions", "answers")
+_COPULAS = ("is", "was", "are", "were")
+_MONTHS = frozenset(("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+                     "november", "december"))
+
+
+def wh_question(head: str, answer: str) -> str | None:
+    """The wh-question a sentence's beginning asks of its answer, where a simple rule finds one, else None.
+
+    "The CEO of Northwind Traders is" + " Maria Okafor." -> "Who is the CEO of Northwind Traders?";
+    "Bryan Crawford was born in" + " Bolton." -> "Where was Bryan Crawford born?";
+    "Project Bluebird was cancelled in" + " March 2026." -> "When was Project Bluebird cancelled?".
+    A beginning that ends in a copula asks Who (an answer of two or more capitalised words) or What; one of the
+    form "<subject> <copula> <participle ...> <preposition>" asks When (an answer with a digit or a month), Where
+    ("in", "at", "near") or Who ("by"); other beginnings get None.
+    """
+    words = head.rstrip(" ,;:").split()
+    ans = answer.strip().rstrip(".!").split()
+    if len(words) < 2 or not ans:
+        return None
+    dated = any(any(c.isdigit() for c in w) or w.lower() in _MONTHS for w in ans)
+    named = len(ans) >= 2 and all(w[:1].isupper() for w in ans)
+    last = words[-1].lower()
+    if words[0] in ("The", "A", "An"):
+        words[0] = words[0].lower()
+    if last in _COPULAS:  # "<subject> is" -> "Who/What is <subject>?"
+        return f"{'Who' if named else 'What'} {last} {' '.join(words[:-1])}?"
+    cops = [i for i, w in enumerate(words[:-1]) if w.lower() in _COPULAS]
+    wh = "When" if dated and last in ("in", "on") else _PREPOSITION_WH.get(last)
+    if wh is None or not cops or cops[0] == 0 or cops[0] >= len(words) - 2:
+        return None
+    i = cops[0]  # "<subject> was <participle ...> <preposition>"
+    rest = words[i + 1:] if wh == "Who" else words[i + 1:-1]  # "... founded by?" but "... born?"
+    return f"{wh} {words[i].lower()} {' '.join(words[:i])} {' '.join(rest)}?"
+
+
+_PREPOSITION_WH = {"in": "Where", "at": "Where", "near": "Where", "by": "Who"}
+
+
+def _inside_name(before: str, word: str) -> bool:
+    """Whether a cut between two words falls inside a name or a quantity ("Maria | Okafor", "3 | March",
+    "45 | million", but not "A: | Maria" or "2011, | Tomasz"): the word before does not end in punctuation and
+    has a digit, or both start with a capital or a digit."""
+    def named(w: str) -> bool:
+        return w[:1].isupper() or w[:1].isdigit()
+    if not before or before[-1] in ",;:.!?)\"'":
+        return False
+    return any(c.isdigit() for c in before) or (named(before) and named(word))
 
 
 def _is_function_word(word: str) -> bool:
@@ -175,6 +280,7 @@ def refine_latents(
     refinement: Refinement,
     owner: Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> Tensor:
     """Refines fact latents by gradient steps on the latents alone (see `Refinement`); the model is unchanged.
 
@@ -186,7 +292,8 @@ def refine_latents(
         queries: (R, C) query latents: a target decodes from the one-fact read (q . z / |z|^2) z; None: from z.
         refinement: steps, learning rate, batch limits, early stop.
         owner: R fact indices, the fact each target belongs to (default: target i is fact i, R = n). A fact's
-            loss is the mean of its targets' NLLs.
+            loss is the mean of its targets' NLLs (weighted by ``weights``).
+        weights: R relative target weights > 0 (default: all 1); a fact's weights are normalised to sum to 1.
         steps: n per-fact step limits (default: ``refinement.steps`` for every fact); facts are batched with
             facts of the same limit, and a limit of 0 keeps the encoder's latent.
 
@@ -200,6 +307,9 @@ def refine_latents(
             or sorted(set(owner)) != list(range(n))):
         raise ValueError(f"refine_latents: {n} latents, {len(prompts)} prompts, {len(continuations)} continuations"
                          f", {R} owners, queries {None if queries is None else tuple(queries.shape)}")
+    w_of = [1.0] * R if weights is None else [float(w) for w in weights]
+    if len(w_of) != R or not all(w > 0 for w in w_of):
+        raise ValueError(f"refine_latents: {R} targets need {R} weights > 0, got {w_of}")
     limit = [refinement.steps] * n if steps is None else [int(s) for s in steps]
     if len(limit) != n or any(s < 0 for s in limit):
         raise ValueError(f"refine_latents: {n} latents and step limits {limit}")
@@ -226,7 +336,8 @@ def refine_latents(
                                leave=False):
             rows = [r for f in facts for r in targets_of[f]]
             local = torch.tensor([facts.index(owner[r]) for r in rows], device=model.device)  # (b_rows,)
-            weight = 1.0 / torch.tensor([len(targets_of[owner[r]]) for r in rows], device=model.device)  # (b_rows,)
+            weight = torch.tensor([w_of[r] / sum(w_of[s] for s in targets_of[owner[r]]) for r in rows],
+                                  device=model.device)  # (b_rows,): each fact's weights sum to 1
             idx = torch.tensor(facts, device=Z.device)
             z = Z[idx].detach().clone().float().to(model.device).requires_grad_(True)  # (b, C)
             q = None if queries is None else queries[rows].detach().clone().float().to(model.device)  # (b_rows, C)

@@ -23,10 +23,18 @@ Metrics per method (rates in [0, 1]):
 
     own_prefix_em     greedy EM on the questions whose prompt is a prefix of the fact sentence
     question_em       greedy EM on every other question
+    question_em_unseen  the same on the other questions whose prompt is none of the prompts the fact's latent was
+                      refined on (`refinement_targets`: e.g. a wh-question read the sentence yields); question_em
+                      minus these is partly a fit (``n_questions_refined`` counts them)
     answer_token_acc  teacher-forced token accuracy of " " + answer after the prompt, all questions
     unrelated_em      greedy EM on the unrelated prompts (compare with ``none``)
     fluency           ROME's weighted bi/tri-gram entropy of the ``gen_tokens`` greedy tokens after each question
-    fluency_unedited  the same of the plain decoder on the same prompts; fluency_ratio = fluency / it
+    fluency_unedited  the same of the plain decoder on the same prompts; fluency_ratio = fluency / it (a short
+                      answer that ends scores low: entropy is over the text generated, 0 for an empty one)
+    answer_repeat_rate  of the questions answered right (EM), the share whose generation says the answer again
+                      after it (`repeats_answer`: the degenerate "Maria Okafor. Maria Okafor ..." continuation)
+    answer_end_rate   of the questions answered right, the share whose generation is the answer and then ends
+                      (`ends_after_answer`)
     edit_ms_median    the median wall time of one whole edit call (rag: its index insert; none: None)
 
 EM (`larimar.eval.metrics.starts_with`): the greedy answer, stripped and case-folded, starts with the expected
@@ -47,9 +55,9 @@ from typing import Any
 import torch
 
 from larimar.data import iter_json_lines
-from larimar.editor.refine import Refinement
+from larimar.editor.refine import Refinement, refinement_targets
 from larimar.eval.editors import LarimarEditor, NoEditEditor, RagEditor
-from larimar.eval.metrics import mean_of, ngram_entropy, starts_with, token_accuracy
+from larimar.eval.metrics import ends_after_answer, mean_of, ngram_entropy, repeats_answer, starts_with, token_accuracy
 from larimar.eval.report import write_cases, write_table
 
 logger = logging.getLogger(__name__)
@@ -58,12 +66,15 @@ METHODS = ("larimar", "rag", "none")
 KINDS = ("own_prefix", "question", "unrelated")
 SUMMARY_KEYS = (
     "method", "n_facts", "n_questions", "n_own_prefix", "n_other_questions", "n_unrelated", "own_prefix_em",
-    "question_em", "answer_token_acc", "unrelated_em", "fluency", "fluency_unedited", "fluency_ratio",
+    "question_em", "question_em_unseen", "n_questions_refined", "answer_token_acc", "unrelated_em", "fluency",
+    "fluency_unedited", "fluency_ratio", "answer_repeat_rate", "answer_end_rate",
     "question_scope_rate", "unrelated_scope_rate", "edit_ms_median",
 )
 """The keys of every per-method summary object (`evaluate_facts`)."""
-TABLE_COLUMNS = ("method", "n_facts", "n_questions", "own_prefix_em", "question_em", "answer_token_acc",
-                 "unrelated_em", "fluency", "fluency_unedited", "question_scope_rate", "unrelated_scope_rate",
+TABLE_COLUMNS = ("method", "n_facts", "n_questions", "own_prefix_em", "question_em", "question_em_unseen",
+                 "answer_token_acc",
+                 "unrelated_em", "fluency", "fluency_unedited", "answer_repeat_rate", "answer_end_rate",
+                 "question_scope_rate", "unrelated_scope_rate",
                  "edit_ms_median")
 
 
@@ -350,10 +361,14 @@ def evaluate_facts(
             plain_fluency = [ngram_entropy(t) for t in plain]
     unedited = mean_of(plain_fluency)
     by_kind = {kind: [k for k, r in enumerate(rows) if r.kind == kind] for kind in KINDS}
+    refined = refined_prompts(lm, items)
+    seen = [rows[k].prompt.strip() in refined[rows[k].fact_index] for k in range(len(rows))]
+    unseen = [k for k in by_kind["question"] if not seen[k]]
     summaries = []
     for name in methods:
         res = results[name]
         fl = mean_of(res["fluency"][k] for k in asked)
+        right = [k for k in asked if res["em"][k]]
         ms = {"larimar": edit_ms, "rag": rag_ms}.get(name, [])
         summaries.append({
             "method": name, "n_facts": len(items), "n_questions": len(asked),
@@ -361,10 +376,14 @@ def evaluate_facts(
             "n_unrelated": len(by_kind["unrelated"]),
             "own_prefix_em": mean_of([res["em"][k] for k in by_kind["own_prefix"]]),
             "question_em": mean_of([res["em"][k] for k in by_kind["question"]]),
+            "question_em_unseen": mean_of([res["em"][k] for k in unseen]),
+            "n_questions_refined": len(by_kind["question"]) - len(unseen),
             "answer_token_acc": mean_of(res["token_acc"][k] for k in asked),
             "unrelated_em": mean_of([res["em"][k] for k in by_kind["unrelated"]]),
             "fluency": fl, "fluency_unedited": unedited,
             "fluency_ratio": fl / unedited if fl is not None and unedited else None,
+            "answer_repeat_rate": mean_of([repeats_answer(res["text"][k], answers[k]) for k in right]),
+            "answer_end_rate": mean_of([ends_after_answer(res["text"][k], answers[k]) for k in right]),
             "question_scope_rate": mean_of([res["in_scope"][k] for k in asked]),
             "unrelated_scope_rate": mean_of([res["in_scope"][k] for k in by_kind["unrelated"]]),
             "edit_ms_median": statistics.median(ms) if ms else None,
@@ -372,10 +391,20 @@ def evaluate_facts(
     cases = []
     for k, r in enumerate(rows):
         cases.append({"fact_index": r.fact_index, "fact": items[r.fact_index].fact, "kind": r.kind,
-                      "prompt": r.prompt, "answer": r.answer,
+                      "prompt": r.prompt, "answer": r.answer, "refined_prompt": seen[k],
                       "results": {name: {key: results[name][key][k] for key in
                                          ("text", "em", "token_acc", "in_scope", "fluency")} for name in methods}})
     return summaries, cases
+
+
+def refined_prompts(lm: Any, items: Sequence[FactItem]) -> list[set[str]]:
+    """Per fact, the prompts (stripped) its latent is refined on by ``lm.edit(fact)`` (`refinement_targets` with
+    ``lm.refinement``; none when refinement is off or ``lm`` has none)."""
+    ref = getattr(lm, "refinement", None)
+    if not isinstance(ref, Refinement) or ref.steps_for(True) == 0:
+        return [set() for _ in items]
+    return [{p.strip() for p, _ in refinement_targets(it.fact, None, ref.sentence_splits, ref.sentence_questions)}
+            for it in items]
 
 
 def write_facts_outputs(out_dir: str | Path, summaries: Sequence[dict[str, Any]], cases: Sequence[dict[str, Any]],

@@ -44,6 +44,22 @@ def starts_with(generation: str, answer: str) -> bool:
     return generation.strip().lower().startswith(answer.strip().lower())
 
 
+def repeats_answer(generation: str, answer: str) -> bool:
+    """Whether the answer (stripped, case-folded) occurs at least twice in the generation (case-folded): what
+    follows the answer says it again, the degenerate continuation of an over-written fact."""
+    a = answer.strip().lower()
+    return bool(a) and generation.lower().count(a) >= 2
+
+
+def ends_after_answer(generation: str, answer: str) -> bool:
+    """Whether the generation is the answer and then ends: starts with it (`starts_with`) and nothing but
+    punctuation and space follows (the decoder stopped with its end-of-text token)."""
+    if not starts_with(generation, answer):
+        return False
+    rest = generation.strip()[len(answer.strip()):]
+    return not any(c.isalnum() for c in rest)
+
+
 def harmonic_mean(values: Sequence[float | None]) -> float | None:
     """Harmonic mean of percentages (0 if any is 0; None if any is missing)."""
     if not values or any(v is None for v in values):
