@@ -28,12 +28,13 @@ class Refinement:
     Each fact's latent z (C,) starts at the encoder's output and takes at most ``steps`` Adam steps (learning rate
     ``lr``; ``sentence_steps`` for a plain sentence) that lower the decoder's NLL of the fact as it will be read
     (`refinement_targets`): for an edit request, the answer after its prompt; for a plain sentence, the rest of
-    the sentence after each of up to ``sentence_splits`` of its beginnings that end before a content word (so every
-    word of a multi-word answer is carried, and the sentence's end too), and their question reads. Each target
+    the sentence after each of up to ``sentence_splits`` of its beginnings that end before a content word and not
+    inside a name or a number (so every word of a multi-word answer is carried, and the sentence's end too), their
+    question reads, and the end of the text after the question read's answer (``sentence_stop``). Each target
     decodes from z itself with the recall and nearest reads, else from the one-fact read of z at the target
     prompt's query latent (what the keyed read returns). Only the latents move: no weight of the encoder, the
-    memory or the decoder changes, and the refined latent is written, read and forgotten like any other. ``steps = 0`` writes the encoder's latent (the
-    paper's one-shot write).
+    memory or the decoder changes, and the refined latent is written, read and forgotten like any other.
+    ``steps = 0`` writes the encoder's latent (the paper's one-shot write).
 
     Attributes:
         steps: the most Adam steps per fact (0: off, for sentences too).
@@ -47,17 +48,18 @@ class Refinement:
         stop_nll: a fact stops early once the mean NLL per token of its targets is below this (None: never; the
             answer is then the decoder's argmax with a margin).
         sentence_questions: also refine a plain sentence (one without "?") on question-shaped reads of it: for
-            each beginning whose rest is a bare answer, "Q: <beginning>? A:" followed by the rest
-            (`refinement_targets`), so that the latent makes the decoder answer a question with the fact's words
-            first.
+            each beginning whose rest is a bare answer, "Q: <beginning>? A:" and, where `wh_question` finds one,
+            "Q: <wh-question> A:", followed by the rest (`refinement_targets`), so that the latent makes the decoder
+            answer a question with the fact's words first.
         sentence_tail_tokens: also refine a plain sentence on what follows its answer: the plain decoder's (z = 0)
             greedy continuation of the sentence, this many tokens, after its answer read and its question read
             (`answer_reads`, `tail_targets`), so that the decoder goes on after the answer as the unedited one
-            would after the sentence instead of repeating the fact (0: off).
+            would after the sentence instead of repeating the fact (0, the default: off; measured, it cost
+            question EM and did not stop the repetition).
         sentence_stop: also refine a plain sentence on ending after its answer: the decoder's end-of-text token
             as the target after its question read ("questions") or after both answer reads ("answers"), so that
             a question is answered and the answer ends, as the unedited decoder ends its own "Q: ... A:" answers
-            (`stop_targets`; "none": off).
+            (`stop_targets`; "none": off; default "questions").
         sentence_stop_weight: the weight of each such end target in its fact's loss, relative to 1 for every
             other target.
     """
