@@ -14,19 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-from larimar.eval.metrics import ends_after_answer, mean_of, repeats_answer
+from larimar.eval.metrics import ending_rates
 
 
-def endings(cases: list[dict]) -> dict[str, dict[str, float | int | None]]:
-    """Per method: n_right, answer_repeat_rate, answer_end_rate over the asked (non-unrelated) cases answered right."""
-    out: dict[str, dict[str, float | int | None]] = {}
-    for name in cases[0]["results"] if cases else []:
-        right = [c for c in cases if c["kind"] != "unrelated" and c["results"][name]["em"]]
-        out[name] = {"n_right": len(right),
-                     "answer_repeat_rate": mean_of([repeats_answer(c["results"][name]["text"], c["answer"]) for c in right]),
-                     "answer_end_rate": mean_of([ends_after_answer(c["results"][name]["text"], c["answer"])
-                                                 for c in right])}
-    return out
+def right_answers(cases: list[dict], name: str) -> list[dict]:
+    """The asked (non-unrelated) cases that method ``name`` answered right (EM)."""
+    return [c for c in cases if c["kind"] != "unrelated" and c["results"][name]["em"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     shown = []
     for run in args.runs:
         cases = [json.loads(line) for line in (Path(run) / "cases.jsonl").read_text().splitlines() if line.strip()]
-        for name, e in endings(cases).items():
-            fmt = [f"{v:.3f}" if isinstance(v, float) else "-" for v in (e["answer_repeat_rate"], e["answer_end_rate"])]
-            print(f"| {run} | {name} | {e['n_right']} | {fmt[0]} | {fmt[1]} |")
-            right = [c for c in cases if c["kind"] != "unrelated" and c["results"][name]["em"]]
+        for name in cases[0]["results"] if cases else []:
+            right = right_answers(cases, name)
+            rates = ending_rates((c["results"][name]["text"], c["answer"]) for c in right)
+            fmt = [f"{v:.3f}" if v is not None else "-" for v in rates]
+            print(f"| {run} | {name} | {len(right)} | {fmt[0]} | {fmt[1]} |")
             shown += [(run, name, c["prompt"], c["results"][name]["text"]) for c in right[: args.examples]]
     for run, name, prompt, text in shown:
         print(f"{run} {name}: {prompt!r} -> {text!r}")

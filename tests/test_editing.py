@@ -20,6 +20,7 @@ from larimar.editor.refine import (
     refine_latents,
     refinement_target,
     refinement_targets,
+    sentence_targets,
     stop_targets,
     tail_targets,
     wh_question,
@@ -295,6 +296,18 @@ def test_stop_targets_end_the_question_read_or_both_answer_reads():
     assert stop_targets(reads, "<eos>", "none") == [] and stop_targets([], "<eos>", "answers") == []
     with pytest.raises(ValueError, match="stop mode"):
         stop_targets(reads, "<eos>", "sometimes")
+
+
+def test_sentence_targets_weigh_the_end_targets_and_leave_requests_alone():
+    s = "The CEO of Northwind Traders is Maria Okafor."
+    ref = Refinement(sentence_splits=4, sentence_stop="questions", sentence_stop_weight=0.3)
+    got = sentence_targets(s, None, ref, "<eos>")
+    pairs = refinement_targets(s, None, 4, True)
+    assert got == [(p, c, 1.0) for p, c in pairs] + \
+        [("Q: Who is the CEO of Northwind Traders? A: Maria Okafor.", "<eos>", 0.3)]
+    assert sentence_targets(s, None, ref, None) == [(p, c, 1.0) for p, c in pairs]  # no end token: no end target
+    req = EditRequest(prompt="{} plays the sport of", subject="messi", target_new="tennis")
+    assert sentence_targets(req.sentence, req, ref, "<eos>") == [(*refinement_target(req.sentence, req), 1.0)]
 
 
 def test_cli_choices_match_the_library():

@@ -22,7 +22,12 @@ from larimar.eval.facts import (
     refined_prompts,
     write_facts_outputs,
 )
-from larimar.eval.metrics import ends_after_answer, ngram_entropy, repeats_answer
+from larimar.eval.metrics import (
+    ending_rates,
+    ends_after_answer,
+    ngram_entropy,
+    repeats_answer,
+)
 
 FACTS = Path(__file__).resolve().parent / "fixtures" / "facts_tiny.jsonl"
 
@@ -103,6 +108,7 @@ def test_ngram_entropy_is_rome_weighted_bi_tri_gram_entropy():
 ])
 def test_repeats_and_ends_after_answer(text, answer, repeats, ends):
     assert repeats_answer(text, answer) is repeats and ends_after_answer(text, answer) is ends
+    assert ending_rates([(text, answer)]) == (float(repeats), float(ends)) and ending_rates([]) == (None, None)
 
 
 def _fake_generation(items: list[FactItem]):

@@ -42,8 +42,7 @@ from larimar.editor.refine import (
     Refinement,
     answer_reads,
     refine_latents,
-    refinement_targets,
-    stop_targets,
+    sentence_targets,
     tail_targets,
 )
 from larimar.facts import (
@@ -229,25 +228,16 @@ class Larimar:
         """The refined latents (n, C) (CPU) of parsed facts (`as_fact`) whose encoder latents are Z (n, C)."""
         if self.refinement.steps == 0 or not parsed:
             return Z
-        targets = [refinement_targets(s, r, self.refinement.sentence_splits, self.refinement.sentence_questions)
-                   for s, r in parsed]
+        eos = self.model.decoder_tokenizer.eos_token
+        targets = [sentence_targets(s, r, self.refinement, eos) for s, r in parsed]  # (prompt, continuation, weight)
         if self.refinement.sentence_tail_tokens:  # what follows the answer, as the plain decoder says it
             plain = [f for f, (_, r) in enumerate(parsed) if r is None]
-            tails = tail_targets(self.model, [parsed[f][0] for f in plain], [answer_reads(targets[f]) for f in plain],
-                                 self.refinement.sentence_tail_tokens)
+            reads = [answer_reads([(p, c) for p, c, _ in targets[f]]) for f in plain]  # end targets come last
+            tails = tail_targets(self.model, [parsed[f][0] for f in plain], reads, self.refinement.sentence_tail_tokens)
             for f, ts in zip(plain, tails):
-                targets[f] = targets[f] + ts
-        eos = self.model.decoder_tokenizer.eos_token
-        ends: list[list[tuple[str, str]]] = [[] for _ in parsed]  # the answer, then the end of the text
-        if self.refinement.sentence_stop != "none" and eos:
-            ends = [stop_targets(answer_reads(ts), eos, self.refinement.sentence_stop) if r is None else []
-                    for ts, (_, r) in zip(targets, parsed)]
-        w_end = self.refinement.sentence_stop_weight
-        weights = [w for ts, es in zip(targets, ends) for w in [1.0] * len(ts) + [w_end] * len(es)]
-        targets = [ts + es for ts, es in zip(targets, ends)]
+                targets[f] += [(p, c, 1.0) for p, c in ts]
         owner = [f for f, ts in enumerate(targets) for _ in ts]
-        prompts = [p for ts in targets for p, _ in ts]
-        answers = [c for ts in targets for _, c in ts]
+        prompts, answers, weights = (list(col) for col in zip(*(t for ts in targets for t in ts)))
         queries = None  # "recall" and "nearest" decode the stored latent itself
         if self.read_mode not in QUERY_FREE_READS:  # the keyed and the paper's read return the one-fact projection
             queries = self.encode_facts([p or parsed[f][0] for p, f in zip(prompts, owner)])  # (R, C)

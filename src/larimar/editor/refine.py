@@ -172,8 +172,7 @@ def tail_targets(model: LarimarModel, sentences: Sequence[str], reads: Sequence[
         return [[] for _ in sentences]
     with torch.inference_mode():
         tails = model.generate_text([s.strip() for s in sentences], None, tokens)
-    return [[((p + c) if p else c.lstrip(), t) for p, c in rs] if t.strip() else []
-            for rs, t in zip(reads, tails)]
+    return [[(_whole(p, c), t) for p, c in rs] if t.strip() else [] for rs, t in zip(reads, tails)]
 
 
 def stop_targets(reads: Sequence[tuple[str, str]], eos: str, which: str) -> list[tuple[str, str]]:
@@ -182,7 +181,22 @@ def stop_targets(reads: Sequence[tuple[str, str]], eos: str, which: str) -> list
     if which not in STOP_MODES:
         raise ValueError(f"stop mode must be one of {', '.join(STOP_MODES)}, got {which!r}")
     chosen = {"none": [], "questions": [r for r in reads if r[0].startswith("Q: ")], "answers": list(reads)}[which]
-    return [((p + c) if p else c.lstrip(), eos) for p, c in chosen]
+    return [(_whole(p, c), eos) for p, c in chosen]
+
+
+def sentence_targets(sentence: str, request: EditRequest | None, refinement: Refinement, eos: str | None
+                     ) -> list[tuple[str, str, float]]:
+    """The (prompt, continuation, weight) targets ``refinement`` refines a fact's latent on: its
+    `refinement_targets` at weight 1, then, for a plain sentence, its end targets (`stop_targets` with ``eos``, the
+    decoder's end-of-text token; none without one) at ``refinement.sentence_stop_weight``."""
+    pairs = refinement_targets(sentence, request, refinement.sentence_splits, refinement.sentence_questions)
+    ends = stop_targets(answer_reads(pairs), eos, refinement.sentence_stop) if request is None and eos else []
+    return [(p, c, 1.0) for p, c in pairs] + [(p, c, refinement.sentence_stop_weight) for p, c in ends]
+
+
+def _whole(prompt: str, rest: str) -> str:
+    """A read written out as one text: the prompt and its continuation (the continuation alone for no prompt)."""
+    return prompt + rest if prompt else rest.lstrip()
 
 
 STOP_MODES = ("none", "questions", "answers")
@@ -312,6 +326,9 @@ def refine_latents(
     w_of = [1.0] * R if weights is None else [float(w) for w in weights]
     if len(w_of) != R or not all(w > 0 for w in w_of):
         raise ValueError(f"refine_latents: {R} targets need {R} weights > 0, got {w_of}")
+    w_fact = [0.0] * n  # each fact's total target weight: its targets' weights are divided by it
+    for r, f in enumerate(owner):
+        w_fact[f] += w_of[r]
     limit = [refinement.steps] * n if steps is None else [int(s) for s in steps]
     if len(limit) != n or any(s < 0 for s in limit):
         raise ValueError(f"refine_latents: {n} latents and step limits {limit}")
@@ -338,8 +355,7 @@ def refine_latents(
                                leave=False):
             rows = [r for f in facts for r in targets_of[f]]
             local = torch.tensor([facts.index(owner[r]) for r in rows], device=model.device)  # (b_rows,)
-            weight = torch.tensor([w_of[r] / sum(w_of[s] for s in targets_of[owner[r]]) for r in rows],
-                                  device=model.device)  # (b_rows,): each fact's weights sum to 1
+            weight = torch.tensor([w_of[r] / w_fact[owner[r]] for r in rows], device=model.device)  # (b_rows,)
             idx = torch.tensor(facts, device=Z.device)
             z = Z[idx].detach().clone().float().to(model.device).requires_grad_(True)  # (b, C)
             q = None if queries is None else queries[rows].detach().clone().float().to(model.device)  # (b_rows, C)

@@ -32,7 +32,7 @@ Metrics per method (rates in [0, 1]):
     fluency_unedited  the same of the plain decoder on the same prompts; fluency_ratio = fluency / it (a short
                       answer that ends scores low: entropy is over the text generated, 0 for an empty one)
     answer_repeat_rate  of the questions answered right (EM), the share whose generation says the answer again
-                      after it (`repeats_answer`: the degenerate "Maria Okafor. Maria Okafor ..." continuation)
+                      after it (`larimar.eval.metrics.repeats_answer`: the degenerate "Maria Okafor. Maria Okafor ..." continuation)
     answer_end_rate   of the questions answered right, the share whose generation is the answer and then ends
                       (`ends_after_answer`)
     edit_ms_median    the median wall time of one whole edit call (rag: its index insert; none: None)
@@ -57,7 +57,13 @@ import torch
 from larimar.data import iter_json_lines
 from larimar.editor.refine import Refinement, refinement_targets
 from larimar.eval.editors import LarimarEditor, NoEditEditor, RagEditor
-from larimar.eval.metrics import ends_after_answer, mean_of, ngram_entropy, repeats_answer, starts_with, token_accuracy
+from larimar.eval.metrics import (
+    ending_rates,
+    mean_of,
+    ngram_entropy,
+    starts_with,
+    token_accuracy,
+)
 from larimar.eval.report import write_cases, write_table
 
 logger = logging.getLogger(__name__)
@@ -72,10 +78,8 @@ SUMMARY_KEYS = (
 )
 """The keys of every per-method summary object (`evaluate_facts`)."""
 TABLE_COLUMNS = ("method", "n_facts", "n_questions", "own_prefix_em", "question_em", "question_em_unseen",
-                 "answer_token_acc",
-                 "unrelated_em", "fluency", "fluency_unedited", "answer_repeat_rate", "answer_end_rate",
-                 "question_scope_rate", "unrelated_scope_rate",
-                 "edit_ms_median")
+                 "answer_token_acc", "unrelated_em", "fluency", "fluency_unedited", "answer_repeat_rate",
+                 "answer_end_rate", "question_scope_rate", "unrelated_scope_rate", "edit_ms_median")
 
 
 # -- the file format ---------------------------------------------------------------------------------------------
@@ -368,7 +372,7 @@ def evaluate_facts(
     for name in methods:
         res = results[name]
         fl = mean_of(res["fluency"][k] for k in asked)
-        right = [k for k in asked if res["em"][k]]
+        repeat, end = ending_rates((res["text"][k], answers[k]) for k in asked if res["em"][k])
         ms = {"larimar": edit_ms, "rag": rag_ms}.get(name, [])
         summaries.append({
             "method": name, "n_facts": len(items), "n_questions": len(asked),
@@ -382,8 +386,7 @@ def evaluate_facts(
             "unrelated_em": mean_of([res["em"][k] for k in by_kind["unrelated"]]),
             "fluency": fl, "fluency_unedited": unedited,
             "fluency_ratio": fl / unedited if fl is not None and unedited else None,
-            "answer_repeat_rate": mean_of([repeats_answer(res["text"][k], answers[k]) for k in right]),
-            "answer_end_rate": mean_of([ends_after_answer(res["text"][k], answers[k]) for k in right]),
+            "answer_repeat_rate": repeat, "answer_end_rate": end,
             "question_scope_rate": mean_of([res["in_scope"][k] for k in asked]),
             "unrelated_scope_rate": mean_of([res["in_scope"][k] for k in by_kind["unrelated"]]),
             "edit_ms_median": statistics.median(ms) if ms else None,

@@ -60,6 +60,13 @@ def ends_after_answer(generation: str, answer: str) -> bool:
     return not any(c.isalnum() for c in rest)
 
 
+def ending_rates(right: Iterable[tuple[str, str]]) -> tuple[float | None, float | None]:
+    """(answer_repeat_rate, answer_end_rate) over right answers given as (generation, expected answer) pairs:
+    the shares that `repeats_answer` and that `ends_after_answer` (None, None for no pair)."""
+    pairs = list(right)
+    return (mean_of([repeats_answer(g, a) for g, a in pairs]), mean_of([ends_after_answer(g, a) for g, a in pairs]))
+
+
 def harmonic_mean(values: Sequence[float | None]) -> float | None:
     """Harmonic mean of percentages (0 if any is 0; None if any is missing)."""
     if not values or any(v is None for v in values):
