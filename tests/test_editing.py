@@ -17,12 +17,15 @@ from larimar.editor import Larimar, Refinement
 from larimar.editor.refine import (
     answer_reads,
     length_batches,
+    plain_top_k,
     refine_latents,
     refinement_target,
     refinement_targets,
     sentence_targets,
     stop_targets,
     tail_targets,
+    target_losses,
+    unended_reads,
     wh_question,
 )
 from larimar.facts import fact_sentence
@@ -278,14 +281,38 @@ def test_answer_reads_and_tail_targets_follow_the_answer_with_the_plain_continua
     assert answer_reads(refinement_targets(s, None, splits=4, questions=False)) == reads[:1]
     assert answer_reads([("Alix Perez is a citizen", " of Brazil.")]) == []  # no bare answer: nothing to follow
     model = tiny_larimar().model
+    texts = [s, "Q: Who is the CEO of Northwind Traders? A: Maria Okafor."]  # each read written out
     with torch.inference_mode():
-        tail = model.generate_text([s], None, 3)[0]  # the plain decoder (z = 0) after the whole sentence
-    got = tail_targets(model, [s, FACT], [reads, []], tokens=3)
-    assert tail.strip()  # the tiny seeded decoder says something after it
-    assert got[0] == [(s, tail), ("Q: Who is the CEO of Northwind Traders? A: Maria Okafor.", tail)]
+        batch = model.tokenize_decoder(texts, left_pad=True)
+        new = model.generate(batch["input_ids"], batch["attention_mask"], None, 3).tolist()  # the plain decoder
+    eos = model.eos_token_id
+    want = [model.decoder_tokenizer.decode(r[: r.index(eos) + 1] if eos in r else r) for r in new]
+    got = tail_targets(model, [reads, []], tokens=3)
+    assert all(w.strip() for w in want)  # the tiny seeded decoder says something after each read
+    assert got[0] == list(zip(texts, want))  # each read followed by what the plain decoder says after it
     assert got[1] == []  # no answer read: no tail
-    assert tail_targets(model, [s], [reads], tokens=0) == [[]]
-    assert tail_targets(model, [], [], tokens=3) == []
+    assert tail_targets(model, [reads], tokens=0) == [[]]
+    assert tail_targets(model, [], tokens=3) == []
+
+
+def test_target_losses_are_the_nll_for_hard_rows_and_the_kl_to_the_plain_decoder_for_soft_rows():
+    model = tiny_larimar().model
+    ids, mask, tmask = model.continuation_batch(["The CEO is", "Q: Who? A:"], [" Maria Okafor.", " Maria."])
+    V = model.decode_logits(ids, mask, None).shape[-1]
+    soft = torch.tensor([False, True])
+    ref = plain_top_k(model, ids[soft], mask[soft], k=V)  # the whole vocabulary: an exact KL
+    z = (0.5 * torch.randn(2, model.config.latent_size, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    with torch.no_grad():
+        plain = target_losses(model.decode_logits(ids, mask, None), ids, tmask * mask, soft, ref)  # (2,)
+    torch.testing.assert_close(plain[1], torch.tensor(0.0), atol=1e-5, rtol=0)  # the plain decoder: no divergence
+    got = target_losses(model.decode_logits(ids, mask, z), ids, tmask * mask, soft, ref)  # (2,)
+    torch.testing.assert_close(got[0], model.token_nll(ids, mask, z, tmask)[0])  # a hard row: its token NLL
+    assert got[1] > 1e-4  # a latent moves the distribution away from the plain decoder's
+    (g,) = torch.autograd.grad(got[1], [z])
+    assert g[1].norm() > 0 and g[0].norm() == 0  # the soft row's loss reaches its own latent only
+    idx, p = plain_top_k(model, ids, mask, k=4)
+    assert idx.shape == p.shape == (2, ids.shape[1] - 1, 4)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, ids.shape[1] - 1))
 
 
 def test_stop_targets_end_the_question_read_or_both_answer_reads():
@@ -296,6 +323,8 @@ def test_stop_targets_end_the_question_read_or_both_answer_reads():
     assert stop_targets(reads, "<eos>", "none") == [] and stop_targets([], "<eos>", "answers") == []
     with pytest.raises(ValueError, match="stop mode"):
         stop_targets(reads, "<eos>", "sometimes")
+    assert unended_reads(reads, "questions") == reads[:1]  # the statement goes on, the question read ends
+    assert unended_reads(reads, "none") == reads and unended_reads(reads, "answers") == []
 
 
 def test_sentence_targets_weigh_the_end_targets_and_leave_requests_alone():
@@ -323,10 +352,16 @@ def test_edit_with_tails_or_stops_refines_sentences_on_more_targets_and_leaves_r
     s = "The CEO of Northwind Traders is Maria Okafor."
     base = tiny_larimar(refinement=Refinement(steps=3, lr=0.5, sentence_stop="none"))
     _, Z0 = base.fact_latents([req, s])
-    for extra in ({"sentence_tail_tokens": 4}, {"sentence_stop": "questions"}, {"sentence_stop": "answers"}):
+    for extra in ({"sentence_tail_tokens": 4, "sentence_stop": "none"}, {"sentence_stop": "questions"},
+                  {"sentence_stop": "answers"}):
         _, Z1 = tiny_larimar(refinement=Refinement(steps=3, lr=0.5, **extra)).fact_latents([req, s])
         torch.testing.assert_close(Z1[0], Z0[0], atol=1e-4, rtol=1e-4)  # a request: no extra target, same latent
         assert (Z1[1] - Z0[1]).norm() > 1e-4, extra  # the sentence: refined on its tails / its end too
+    ends = Refinement(steps=3, lr=0.5, sentence_stop="answers")
+    _, Za = tiny_larimar(refinement=ends).fact_latents([s])
+    _, Zt = tiny_larimar(refinement=Refinement(steps=3, lr=0.5, sentence_stop="answers", sentence_tail_tokens=4)
+                         ).fact_latents([s])
+    torch.testing.assert_close(Zt, Za)  # every answer read ends: no read goes on, no tail target
 
 
 @pytest.mark.parametrize("head, answer, question", [
@@ -349,6 +384,7 @@ def test_wh_question_rules(head, answer, question):
                                        ({"batch_size": 0}, "batch_size"), ({"max_tokens": 0}, "max_tokens"),
                                        ({"sentence_steps": -1}, "sentence_steps"),
                                        ({"sentence_tail_tokens": -1}, "sentence_tail_tokens"),
+                                       ({"sentence_tail_weight": 0.0}, "sentence_tail_weight"),
                                        ({"sentence_stop": "always"}, "sentence_stop"),
                                        ({"sentence_stop_weight": 0.0}, "sentence_stop_weight")])
 def test_refinement_config_is_checked(kw, match):

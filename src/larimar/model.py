@@ -386,6 +386,15 @@ class LarimarModel(nn.Module):
 
         Prompt and continuation are tokenized separately and concatenated, after the start token.
         """
+        input_ids, attention_mask, target = self.continuation_batch(prompts, continuations)
+        return self.token_nll(input_ids, attention_mask, latent, target)
+
+    def continuation_batch(self, prompts: list[str], continuations: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded decoder input for scoring ``continuations[i]`` after ``prompts[i]``: input_ids,
+        attention_mask and target_mask (B, T), the last 1 at the continuation's tokens.
+
+        Prompt and continuation are tokenized separately and concatenated, after the start token.
+        """
         if len(prompts) != len(continuations):
             raise ValueError(f"got {len(prompts)} prompts and {len(continuations)} continuations")
         tok = self.decoder_tokenizer
@@ -401,7 +410,7 @@ class LarimarModel(nn.Module):
         target = torch.zeros_like(batch["attention_mask"])
         for i, (r, s) in enumerate(zip(rows, starts)):
             target[i, s : len(r)] = 1
-        return self.token_nll(batch["input_ids"], batch["attention_mask"], latent, target)
+        return batch["input_ids"], batch["attention_mask"], target
 
     def generate(
         self,

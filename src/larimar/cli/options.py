@@ -56,8 +56,10 @@ class ModelOptions:
         refine_splits: beginnings of a plain sentence its latent is refined after (`Refinement.sentence_splits`).
         refine_stop_nll: stop refining a fact once its targets' NLL per token is below this (None: never).
         refine_questions: also refine a plain sentence on question-shaped reads ("Q: <beginning>? A:" -> the rest).
-        refine_tail_tokens: also refine a plain sentence on the plain decoder's continuation after its answer, this
-            many tokens (`Refinement.sentence_tail_tokens`; 0: off).
+        refine_tail_tokens: after a plain sentence's answer reads, pull the decoder's distribution toward the
+            plain decoder's over at most this many tokens of its continuation (`Refinement.sentence_tail_tokens`;
+            0: off).
+        refine_tail_weight: the weight of those tail targets (`Refinement.sentence_tail_weight`).
         refine_stop: also refine a plain sentence on ending after its answer: none, questions or answers
             (`Refinement.sentence_stop`).
         refine_stop_weight: the weight of those end targets against 1 for the others (`Refinement.sentence_stop_weight`).
@@ -76,6 +78,7 @@ class ModelOptions:
     refine_stop_nll: float | None = None
     refine_questions: bool = True
     refine_tail_tokens: int = 0
+    refine_tail_weight: float = 1.0
     refine_stop: str = "questions"
     refine_stop_weight: float = 0.3
 
@@ -115,8 +118,11 @@ class ModelOptions:
                        help="also refine a plain sentence on question-shaped reads of it ('Q: <beginning>? A:' -> "
                             f"a bare answer; default {d.refine_questions})")
         p.add_argument("--refine-tail-tokens", type=int, default=d.refine_tail_tokens,
-                       help="also refine a plain sentence on what the unedited decoder says after its answer, this "
-                            f"many greedy tokens, so the answer ends cleanly (default {d.refine_tail_tokens}; 0: off)")
+                       help="after a plain sentence's answer, keep the decoder's next-token distribution close to the "
+                            "unedited decoder's (KL) over at most this many tokens of what the unedited one says "
+                            f"there (default {d.refine_tail_tokens}; 0: off)")
+        p.add_argument("--refine-tail-weight", type=float, default=d.refine_tail_weight,
+                       help=f"the weight of those tail targets against 1 for the others (default {d.refine_tail_weight})")
         p.add_argument("--refine-stop", choices=STOP_MODES, default=d.refine_stop,
                        help="also refine a plain sentence on the end-of-text token after its answer: after its "
                             f"question read, after both answer reads, or none (default {d.refine_stop})")
@@ -138,6 +144,7 @@ class ModelOptions:
         return Refinement(steps=self.refine_steps, sentence_steps=self.refine_sentence_steps, lr=self.refine_lr,
                           sentence_splits=self.refine_splits, stop_nll=self.refine_stop_nll,
                           sentence_questions=self.refine_questions, sentence_tail_tokens=self.refine_tail_tokens,
+                          sentence_tail_weight=self.refine_tail_weight,
                           sentence_stop=self.refine_stop, sentence_stop_weight=self.refine_stop_weight)
 
     def build(self, scope_mode: str = "prompt") -> Any:
@@ -159,6 +166,7 @@ class ModelOptions:
                 "refine_sentence_steps": self.refine_sentence_steps, "refine_lr": self.refine_lr,
                 "refine_splits": self.refine_splits, "refine_stop_nll": self.refine_stop_nll,
                 "refine_questions": self.refine_questions, "refine_tail_tokens": self.refine_tail_tokens,
+                "refine_tail_weight": self.refine_tail_weight,
                 "refine_stop": self.refine_stop, "refine_stop_weight": self.refine_stop_weight}
 
 

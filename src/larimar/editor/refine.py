@@ -51,11 +51,15 @@ class Refinement:
             each beginning whose rest is a bare answer, "Q: <beginning>? A:" and, where `wh_question` finds one,
             "Q: <wh-question> A:", followed by the rest (`refinement_targets`), so that the latent makes the decoder
             answer a question with the fact's words first.
-        sentence_tail_tokens: also refine a plain sentence on what follows its answer: the plain decoder's (z = 0)
-            greedy continuation of the sentence, this many tokens, after its answer read and its question read
-            (`answer_reads`, `tail_targets`), so that the decoder goes on after the answer as the unedited one
-            would after the sentence instead of repeating the fact (0, the default: off; measured, it cost
-            question EM and did not stop the repetition).
+        sentence_tail_tokens: also refine a plain sentence on what follows its answer: after each of its answer
+            reads (`answer_reads`: the beginning whose rest is the answer, and its question read) that no end
+            target ends (`unended_reads`), at most this many tokens of the plain decoder's (z = 0) greedy
+            continuation of that read, through its end of text if it ends (`tail_targets`), where the decoder's
+            next-token distribution is pulled toward the plain decoder's (a KL divergence, as in ROME's essence
+            loss, over the plain decoder's top `TAIL_TOP_K` tokens), so that after the answer the decoder goes on,
+            or ends, as the unedited one would (0, the default: off; measured on the development set, it raised
+            fluency and cost answer EM, docs/results.md).
+        sentence_tail_weight: the weight of each such tail target in its fact's loss.
         sentence_stop: also refine a plain sentence on ending after its answer: the decoder's end-of-text token
             as the target after its question read ("questions") or after both answer reads ("answers"), so that
             a question is answered and the answer ends, as the unedited decoder ends its own "Q: ... A:" answers
@@ -73,6 +77,7 @@ class Refinement:
     stop_nll: float | None = None
     sentence_questions: bool = True
     sentence_tail_tokens: int = 0
+    sentence_tail_weight: float = 1.0
     sentence_stop: str = "questions"
     sentence_stop_weight: float = 0.3
 
@@ -91,6 +96,8 @@ class Refinement:
             raise ValueError(f"refinement sentence_splits must be an integer >= 1, got {self.sentence_splits!r}")
         if not isinstance(self.sentence_tail_tokens, int) or self.sentence_tail_tokens < 0:
             raise ValueError(f"refinement sentence_tail_tokens must be an integer >= 0, got {self.sentence_tail_tokens!r}")
+        if not self.sentence_tail_weight > 0:
+            raise ValueError(f"refinement sentence_tail_weight must be > 0, got {self.sentence_tail_weight!r}")
         if self.sentence_stop not in STOP_MODES:
             raise ValueError(f"refinement sentence_stop must be one of {', '.join(STOP_MODES)}, got {self.sentence_stop!r}")
         if not self.sentence_stop_weight > 0:
@@ -163,16 +170,24 @@ def answer_reads(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return [plain[0], *asked[-1:]]
 
 
-def tail_targets(model: LarimarModel, sentences: Sequence[str], reads: Sequence[Sequence[tuple[str, str]]],
-                 tokens: int) -> list[list[tuple[str, str]]]:
-    """Per sentence, (prompt + rest, tail) for each of its answer reads (`answer_reads`): ``tail`` is the plain
-    decoder's (z = 0) greedy continuation of ``tokens`` tokens after the whole sentence, what the unedited model
-    says once the fact is stated; the same tail follows the question read too (none where the tail is blank)."""
-    if tokens < 1 or not sentences:
-        return [[] for _ in sentences]
+def tail_targets(model: LarimarModel, reads: Sequence[Sequence[tuple[str, str]]], tokens: int
+                 ) -> list[list[tuple[str, str]]]:
+    """Per sentence, (prompt + rest, tail) for each of its answer reads (`answer_reads`): ``tail`` is what the
+    plain decoder (z = 0) says after that read, its greedy continuation of at most ``tokens`` tokens, through its
+    end-of-text token if it ends there (written out, special tokens kept)."""
+    texts = [_whole(p, c) for rs in reads for p, c in rs]
+    if tokens < 1 or not texts:
+        return [[] for _ in reads]
     with torch.inference_mode():
-        tails = model.generate_text([s.strip() for s in sentences], None, tokens)
-    return [[(_whole(p, c), t) for p, c in rs] if t.strip() else [] for rs, t in zip(reads, tails)]
+        batch = model.tokenize_decoder(texts, left_pad=True)
+        new = model.generate(batch["input_ids"], batch["attention_mask"], None, tokens).tolist()  # (R, <= tokens)
+    eos, tok = model.eos_token_id, model.decoder_tokenizer
+    tails = [tok.decode(row[: row.index(eos) + 1] if eos in row else row, skip_special_tokens=False) for row in new]
+    out, k = [], 0
+    for rs in reads:
+        out.append([(t, tail) for t, tail in zip(texts[k : k + len(rs)], tails[k : k + len(rs)]) if tail.strip()])
+        k += len(rs)
+    return out
 
 
 def stop_targets(reads: Sequence[tuple[str, str]], eos: str, which: str) -> list[tuple[str, str]]:
@@ -182,6 +197,13 @@ def stop_targets(reads: Sequence[tuple[str, str]], eos: str, which: str) -> list
         raise ValueError(f"stop mode must be one of {', '.join(STOP_MODES)}, got {which!r}")
     chosen = {"none": [], "questions": [r for r in reads if r[0].startswith("Q: ")], "answers": list(reads)}[which]
     return [(_whole(p, c), eos) for p, c in chosen]
+
+
+def unended_reads(reads: Sequence[tuple[str, str]], which: str) -> list[tuple[str, str]]:
+    """The answer reads (`answer_reads`) that `stop_targets` with ``which`` does not end: where the text goes on
+    after the answer (the tail targets' reads)."""
+    ended = {r[0] for r in stop_targets(reads, "", which)}
+    return [(p, c) for p, c in reads if _whole(p, c) not in ended]
 
 
 def sentence_targets(sentence: str, request: EditRequest | None, refinement: Refinement, eos: str | None
@@ -262,6 +284,36 @@ _FUNCTION_WORDS = frozenset(
 )
 
 
+TAIL_TOP_K = 64
+"""A tail target's KL divergence is taken over the plain decoder's this many most likely tokens (renormalised)."""
+
+
+def plain_top_k(model: LarimarModel, input_ids: Tensor, attention_mask: Tensor, k: int = TAIL_TOP_K
+                ) -> tuple[Tensor, Tensor]:
+    """The plain decoder's (z = 0) next-token distributions at every position of right-padded rows (S, T), kept
+    as their top k: token ids (S, T-1, k) and probabilities renormalised over them (S, T-1, k); no gradient."""
+    with torch.no_grad():
+        logits = model.decode_logits(input_ids, attention_mask, None)[:, :-1].float()  # (S, T-1, V)
+        p, idx = logits.softmax(-1).topk(k, dim=-1)  # (S, T-1, k)
+    return idx, p / p.sum(-1, keepdim=True)
+
+
+def target_losses(logits: Tensor, input_ids: Tensor, target_mask: Tensor, soft: Tensor,
+                  reference: tuple[Tensor, Tensor] | None) -> Tensor:
+    """Mean loss per row (B,) over its target tokens: the NLL of the token for a hard row, and for a soft row
+    (``soft`` (B,) bool) the KL divergence from the reference distribution (`plain_top_k` of the soft rows, in
+    order) to the decoder's (``logits`` (B, T, V)) at the same position."""
+    logp = logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+    m = target_mask[:, 1:].float()  # (B, T-1)
+    loss = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    if reference is not None and bool(soft.any()):
+        idx, p = reference  # (S, T-1, k)
+        rows = soft.nonzero().squeeze(-1)  # (S,)
+        kl = (p * (p.clamp_min(1e-12).log() - logp[rows].gather(-1, idx))).sum(-1)  # (S, T-1)
+        loss = loss.index_copy(0, rows, kl)
+    return (loss * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int, rows: Sequence[int] | None = None
                    ) -> list[list[int]]:
     """Item indices grouped into batches by length: items sorted by length, then cut so that a batch has at most
@@ -297,6 +349,7 @@ def refine_latents(
     owner: Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
     weights: Sequence[float] | None = None,
+    soft: Sequence[bool] | None = None,
 ) -> Tensor:
     """Refines fact latents by gradient steps on the latents alone (see `Refinement`); the model is unchanged.
 
@@ -312,6 +365,9 @@ def refine_latents(
         weights: R relative target weights > 0 (default: all 1); a fact's weights are normalised to sum to 1.
         steps: n per-fact step limits (default: ``refinement.steps`` for every fact); facts are batched with
             facts of the same limit, and a limit of 0 keeps the encoder's latent.
+        soft: R flags (default: none): a soft target's continuation is not fitted token by token; at its
+            positions the decoder's next-token distribution is pulled toward the plain decoder's (KL divergence,
+            `target_losses`).
 
     Returns:
         (n, C) float32 refined latents on ``Z``'s device (``Z`` itself when ``refinement.steps == 0``).
@@ -326,6 +382,9 @@ def refine_latents(
     w_of = [1.0] * R if weights is None else [float(w) for w in weights]
     if len(w_of) != R or not all(w > 0 for w in w_of):
         raise ValueError(f"refine_latents: {R} targets need {R} weights > 0, got {w_of}")
+    soft_of = [False] * R if soft is None else [bool(x) for x in soft]
+    if len(soft_of) != R:
+        raise ValueError(f"refine_latents: {R} targets need {R} soft flags, got {len(soft_of)}")
     w_fact = [0.0] * n  # each fact's total target weight: its targets' weights are divided by it
     for r, f in enumerate(owner):
         w_fact[f] += w_of[r]
@@ -360,12 +419,18 @@ def refine_latents(
             z = Z[idx].detach().clone().float().to(model.device).requires_grad_(True)  # (b, C)
             q = None if queries is None else queries[rows].detach().clone().float().to(model.device)  # (b_rows, C)
             ps, cs = [prompts[r] for r in rows], [continuations[r] for r in rows]
+            ids, mask, tmask = model.continuation_batch(ps, cs)  # (b_rows, T)
+            is_soft = torch.tensor([soft_of[r] for r in rows], device=model.device)  # (b_rows,)
+            ref = plain_top_k(model, ids[is_soft], mask[is_soft]) if bool(is_soft.any()) else None
             opt = torch.optim.Adam([z], lr=refinement.lr)
             done = torch.zeros(len(facts), dtype=torch.bool, device=model.device)  # (b,)
             for _ in range(lim):
                 zr = z[local]  # (b_rows, C)
                 latent = zr if q is None else one_fact_read(q, zr)  # (b_rows, C)
-                nll = model.continuation_nll(ps, cs, latent).float()  # (b_rows,)
+                if ref is None:
+                    nll = model.token_nll(ids, mask, latent, tmask).float()  # (b_rows,)
+                else:
+                    nll = target_losses(model.decode_logits(ids, mask, latent), ids, tmask * mask, is_soft, ref)
                 if refinement.stop_nll is not None:
                     per_fact = torch.zeros(len(facts), device=nll.device).index_add_(0, local, nll.detach() * weight)
                     done |= per_fact < refinement.stop_nll  # (b,): these keep their current latent
