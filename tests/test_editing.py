@@ -15,12 +15,14 @@ from larimar.cli.main import main as cli_main
 from larimar.data import EditRequest
 from larimar.editor import Larimar, Refinement
 from larimar.editor.refine import (
+    TARGET_KINDS,
     answer_reads,
     length_batches,
     plain_top_k,
     refine_latents,
     refinement_target,
     refinement_targets,
+    repeat_targets,
     sentence_targets,
     stop_targets,
     tail_targets,
@@ -295,24 +297,33 @@ def test_answer_reads_and_tail_targets_follow_the_answer_with_the_plain_continua
     assert tail_targets(model, [], tokens=3) == []
 
 
-def test_target_losses_are_the_nll_for_hard_rows_and_the_kl_to_the_plain_decoder_for_soft_rows():
+def test_target_losses_are_the_nll_the_kl_to_the_plain_decoder_or_the_unlikelihood_by_kind():
     model = tiny_larimar().model
-    ids, mask, tmask = model.continuation_batch(["The CEO is", "Q: Who? A:"], [" Maria Okafor.", " Maria."])
+    ids, mask, tmask = model.continuation_batch(["The CEO is", "Q: Who? A:", "The CEO is"],
+                                                [" Maria Okafor.", " Maria.", " Maria Okafor."])
     V = model.decode_logits(ids, mask, None).shape[-1]
-    soft = torch.tensor([False, True])
-    ref = plain_top_k(model, ids[soft], mask[soft], k=V)  # the whole vocabulary: an exact KL
-    z = (0.5 * torch.randn(2, model.config.latent_size, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    kind = torch.tensor([TARGET_KINDS.index(k) for k in ("nll", "kl", "unlikely")])
+    is_kl = kind == TARGET_KINDS.index("kl")
+    ref = plain_top_k(model, ids[is_kl], mask[is_kl], k=V)  # the whole vocabulary: an exact KL
+    z = (0.5 * torch.randn(3, model.config.latent_size, generator=torch.Generator().manual_seed(0))).requires_grad_()
     with torch.no_grad():
-        plain = target_losses(model.decode_logits(ids, mask, None), ids, tmask * mask, soft, ref)  # (2,)
+        plain = target_losses(model.decode_logits(ids, mask, None), ids, tmask * mask, kind, ref)  # (3,)
     torch.testing.assert_close(plain[1], torch.tensor(0.0), atol=1e-5, rtol=0)  # the plain decoder: no divergence
-    got = target_losses(model.decode_logits(ids, mask, z), ids, tmask * mask, soft, ref)  # (2,)
-    torch.testing.assert_close(got[0], model.token_nll(ids, mask, z, tmask)[0])  # a hard row: its token NLL
+    got = target_losses(model.decode_logits(ids, mask, z), ids, tmask * mask, kind, ref)  # (3,)
+    nll = model.token_nll(ids, mask, z, tmask)  # (3,)
+    torch.testing.assert_close(got[0], nll[0])  # an "nll" row: its token NLL
     assert got[1] > 1e-4  # a latent moves the distribution away from the plain decoder's
+    logits = model.decode_logits(ids, mask, z)[2, :-1].log_softmax(-1)  # (T-1, V)
+    p = logits.gather(-1, ids[2, 1:, None]).squeeze(-1).exp()  # (T-1,)
+    m = tmask[2, 1:].float()
+    torch.testing.assert_close(got[2], (-torch.log1p(-p) * m).sum() / m.sum())  # -log(1 - p), mean over tokens
     (g,) = torch.autograd.grad(got[1], [z])
-    assert g[1].norm() > 0 and g[0].norm() == 0  # the soft row's loss reaches its own latent only
+    assert g[1].norm() > 0 and g[0].norm() == 0 and g[2].norm() == 0  # a row's loss reaches its own latent only
+    with pytest.raises(ValueError, match="reference"):
+        target_losses(model.decode_logits(ids, mask, None), ids, tmask * mask, kind, None)
     idx, p = plain_top_k(model, ids, mask, k=4)
-    assert idx.shape == p.shape == (2, ids.shape[1] - 1, 4)
-    torch.testing.assert_close(p.sum(-1), torch.ones(2, ids.shape[1] - 1))
+    assert idx.shape == p.shape == (3, ids.shape[1] - 1, 4)
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, ids.shape[1] - 1))
 
 
 def test_stop_targets_end_the_question_read_or_both_answer_reads():
@@ -332,11 +343,16 @@ def test_sentence_targets_weigh_the_end_targets_and_leave_requests_alone():
     ref = Refinement(sentence_splits=4, sentence_stop="questions", sentence_stop_weight=0.3)
     got = sentence_targets(s, None, ref, "<eos>")
     pairs = refinement_targets(s, None, 4, True)
-    assert got == [(p, c, 1.0) for p, c in pairs] + \
-        [("Q: Who is the CEO of Northwind Traders? A: Maria Okafor.", "<eos>", 0.3)]
-    assert sentence_targets(s, None, ref, None) == [(p, c, 1.0) for p, c in pairs]  # no end token: no end target
+    assert got == [(p, c, 1.0, "nll") for p, c in pairs] + \
+        [("Q: Who is the CEO of Northwind Traders? A: Maria Okafor.", "<eos>", 0.3, "nll")]
+    assert sentence_targets(s, None, ref, None) == [(p, c, 1.0, "nll") for p, c in pairs]  # no end token, no end
+    no_repeat = Refinement(sentence_splits=4, sentence_stop="questions", sentence_no_repeat=0.5)
+    assert sentence_targets(s, None, no_repeat, "<eos>")[len(got):] == \
+        [("The CEO of Northwind Traders is Maria Okafor.", " Maria", 0.5, "unlikely")]  # after the read that goes on
     req = EditRequest(prompt="{} plays the sport of", subject="messi", target_new="tennis")
-    assert sentence_targets(req.sentence, req, ref, "<eos>") == [(*refinement_target(req.sentence, req), 1.0)]
+    assert sentence_targets(req.sentence, req, no_repeat, "<eos>") == \
+        [(*refinement_target(req.sentence, req), 1.0, "nll")]
+    assert repeat_targets([("Q: Who? A:", " Maria Okafor."), ("x", " ")]) == [("Q: Who? A: Maria Okafor.", " Maria")]
 
 
 def test_cli_choices_match_the_library():
@@ -353,7 +369,7 @@ def test_edit_with_tails_or_stops_refines_sentences_on_more_targets_and_leaves_r
     base = tiny_larimar(refinement=Refinement(steps=3, lr=0.5, sentence_stop="none"))
     _, Z0 = base.fact_latents([req, s])
     for extra in ({"sentence_tail_tokens": 4, "sentence_stop": "none"}, {"sentence_stop": "questions"},
-                  {"sentence_stop": "answers"}):
+                  {"sentence_stop": "answers"}, {"sentence_no_repeat": 1.0, "sentence_stop": "none"}):
         _, Z1 = tiny_larimar(refinement=Refinement(steps=3, lr=0.5, **extra)).fact_latents([req, s])
         torch.testing.assert_close(Z1[0], Z0[0], atol=1e-4, rtol=1e-4)  # a request: no extra target, same latent
         assert (Z1[1] - Z0[1]).norm() > 1e-4, extra  # the sentence: refined on its tails / its end too
@@ -385,6 +401,7 @@ def test_wh_question_rules(head, answer, question):
                                        ({"sentence_steps": -1}, "sentence_steps"),
                                        ({"sentence_tail_tokens": -1}, "sentence_tail_tokens"),
                                        ({"sentence_tail_weight": 0.0}, "sentence_tail_weight"),
+                                       ({"sentence_no_repeat": -1.0}, "sentence_no_repeat"),
                                        ({"sentence_stop": "always"}, "sentence_stop"),
                                        ({"sentence_stop_weight": 0.0}, "sentence_stop_weight")])
 def test_refinement_config_is_checked(kw, match):

@@ -60,6 +60,8 @@ class ModelOptions:
             plain decoder's over at most this many tokens of its continuation (`Refinement.sentence_tail_tokens`;
             0: off).
         refine_tail_weight: the weight of those tail targets (`Refinement.sentence_tail_weight`).
+        refine_no_repeat: the weight of an unlikelihood target on the answer's first word right after a plain
+            sentence's answer (`Refinement.sentence_no_repeat`; 0: off).
         refine_stop: also refine a plain sentence on ending after its answer: none, questions or answers
             (`Refinement.sentence_stop`).
         refine_stop_weight: the weight of those end targets against 1 for the others (`Refinement.sentence_stop_weight`).
@@ -79,6 +81,7 @@ class ModelOptions:
     refine_questions: bool = True
     refine_tail_tokens: int = 0
     refine_tail_weight: float = 1.0
+    refine_no_repeat: float = 0.0
     refine_stop: str = "questions"
     refine_stop_weight: float = 0.3
 
@@ -123,6 +126,9 @@ class ModelOptions:
                             f"there (default {d.refine_tail_tokens}; 0: off)")
         p.add_argument("--refine-tail-weight", type=float, default=d.refine_tail_weight,
                        help=f"the weight of those tail targets against 1 for the others (default {d.refine_tail_weight})")
+        p.add_argument("--refine-no-repeat", type=float, default=d.refine_no_repeat,
+                       help="weight of an unlikelihood target on the answer's first word right after a plain "
+                            f"sentence's answer, against saying it again (default {d.refine_no_repeat}; 0: off)")
         p.add_argument("--refine-stop", choices=STOP_MODES, default=d.refine_stop,
                        help="also refine a plain sentence on the end-of-text token after its answer: after its "
                             f"question read, after both answer reads, or none (default {d.refine_stop})")
@@ -144,7 +150,7 @@ class ModelOptions:
         return Refinement(steps=self.refine_steps, sentence_steps=self.refine_sentence_steps, lr=self.refine_lr,
                           sentence_splits=self.refine_splits, stop_nll=self.refine_stop_nll,
                           sentence_questions=self.refine_questions, sentence_tail_tokens=self.refine_tail_tokens,
-                          sentence_tail_weight=self.refine_tail_weight,
+                          sentence_tail_weight=self.refine_tail_weight, sentence_no_repeat=self.refine_no_repeat,
                           sentence_stop=self.refine_stop, sentence_stop_weight=self.refine_stop_weight)
 
     def build(self, scope_mode: str = "prompt") -> Any:
@@ -166,7 +172,7 @@ class ModelOptions:
                 "refine_sentence_steps": self.refine_sentence_steps, "refine_lr": self.refine_lr,
                 "refine_splits": self.refine_splits, "refine_stop_nll": self.refine_stop_nll,
                 "refine_questions": self.refine_questions, "refine_tail_tokens": self.refine_tail_tokens,
-                "refine_tail_weight": self.refine_tail_weight,
+                "refine_tail_weight": self.refine_tail_weight, "refine_no_repeat": self.refine_no_repeat,
                 "refine_stop": self.refine_stop, "refine_stop_weight": self.refine_stop_weight}
 
 

@@ -230,23 +230,22 @@ class Larimar:
         if self.refinement.steps == 0 or not parsed:
             return Z
         eos = self.model.decoder_tokenizer.eos_token
-        targets = [[(p, c, w, False) for p, c, w in sentence_targets(s, r, self.refinement, eos)]
-                   for s, r in parsed]  # (prompt, continuation, weight, soft)
-        if self.refinement.sentence_tail_tokens:  # after the answer, what the plain decoder says (a soft target)
+        targets = [sentence_targets(s, r, self.refinement, eos) for s, r in parsed]  # (prompt, cont, weight, kind)
+        if self.refinement.sentence_tail_tokens:  # after the answer, what the plain decoder says (a KL target)
             plain = [f for f, (_, r) in enumerate(parsed) if r is None]
-            reads = [unended_reads(answer_reads([(p, c) for p, c, _, _ in targets[f] if c != eos]),
+            reads = [unended_reads(answer_reads([(p, c) for p, c, _, k in targets[f] if k == "nll" and c != eos]),
                                    self.refinement.sentence_stop) for f in plain]
             tails = tail_targets(self.model, reads, self.refinement.sentence_tail_tokens)
             for f, ts in zip(plain, tails):
-                targets[f] += [(p, c, self.refinement.sentence_tail_weight, True) for p, c in ts]
+                targets[f] += [(p, c, self.refinement.sentence_tail_weight, "kl") for p, c in ts]
         owner = [f for f, ts in enumerate(targets) for _ in ts]
-        prompts, answers, weights, soft = (list(col) for col in zip(*(t for ts in targets for t in ts)))
+        prompts, answers, weights, kinds = (list(col) for col in zip(*(t for ts in targets for t in ts)))
         queries = None  # "recall" and "nearest" decode the stored latent itself
         if self.read_mode not in QUERY_FREE_READS:  # the keyed and the paper's read return the one-fact projection
             queries = self.encode_facts([p or parsed[f][0] for p, f in zip(prompts, owner)])  # (R, C)
         steps = [self.refinement.steps_for(sentence=r is None) for _, r in parsed]
         return refine_latents(self.model, Z, prompts, answers, queries, self.refinement, owner, steps, weights,
-                              soft).cpu()
+                              kinds).cpu()
 
     def edit(self, facts: FactLike | Sequence[FactLike], ids: Sequence[str] | None = None,
              timings: dict[str, float] | None = None) -> list[str]:

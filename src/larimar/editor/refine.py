@@ -60,6 +60,9 @@ class Refinement:
             or ends, as the unedited one would (0, the default: off; measured on the development set, it raised
             fluency and cost answer EM, docs/results.md).
         sentence_tail_weight: the weight of each such tail target in its fact's loss.
+        sentence_no_repeat: the weight of an unlikelihood target (Welleck et al., 2019) on the answer's first word
+            right after each answer read that no end target ends (`repeat_targets`: "... is Maria Okafor." ->
+            " Maria" made unlikely), against the answer said again; 0 (the default): off.
         sentence_stop: also refine a plain sentence on ending after its answer: the decoder's end-of-text token
             as the target after its question read ("questions") or after both answer reads ("answers"), so that
             a question is answered and the answer ends, as the unedited decoder ends its own "Q: ... A:" answers
@@ -78,6 +81,7 @@ class Refinement:
     sentence_questions: bool = True
     sentence_tail_tokens: int = 0
     sentence_tail_weight: float = 1.0
+    sentence_no_repeat: float = 0.0
     sentence_stop: str = "questions"
     sentence_stop_weight: float = 0.3
 
@@ -98,6 +102,8 @@ class Refinement:
             raise ValueError(f"refinement sentence_tail_tokens must be an integer >= 0, got {self.sentence_tail_tokens!r}")
         if not self.sentence_tail_weight > 0:
             raise ValueError(f"refinement sentence_tail_weight must be > 0, got {self.sentence_tail_weight!r}")
+        if not self.sentence_no_repeat >= 0:
+            raise ValueError(f"refinement sentence_no_repeat must be >= 0, got {self.sentence_no_repeat!r}")
         if self.sentence_stop not in STOP_MODES:
             raise ValueError(f"refinement sentence_stop must be one of {', '.join(STOP_MODES)}, got {self.sentence_stop!r}")
         if not self.sentence_stop_weight > 0:
@@ -206,14 +212,31 @@ def unended_reads(reads: Sequence[tuple[str, str]], which: str) -> list[tuple[st
     return [(p, c) for p, c in reads if _whole(p, c) not in ended]
 
 
+def repeat_targets(reads: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(prompt + rest, " " + the rest's first word) for answer reads: the answer's first word said again right
+    after the answer ("... is Maria Okafor." -> " Maria"), the repetition an unlikelihood target works against."""
+    return [(_whole(p, c), " " + c.split()[0]) for p, c in reads if c.split()]
+
+
 def sentence_targets(sentence: str, request: EditRequest | None, refinement: Refinement, eos: str | None
-                     ) -> list[tuple[str, str, float]]:
-    """The (prompt, continuation, weight) targets ``refinement`` refines a fact's latent on: its
-    `refinement_targets` at weight 1, then, for a plain sentence, its end targets (`stop_targets` with ``eos``, the
-    decoder's end-of-text token; none without one) at ``refinement.sentence_stop_weight``."""
+                     ) -> list[tuple[str, str, float, str]]:
+    """The (prompt, continuation, weight, kind) targets ``refinement`` refines a fact's latent on (kinds:
+    `TARGET_KINDS`): its `refinement_targets` ("nll", weight 1), then, for a plain sentence, its end targets
+    (`stop_targets` with ``eos``, the decoder's end-of-text token, none without one; "nll",
+    ``refinement.sentence_stop_weight``) and, if ``refinement.sentence_no_repeat`` > 0, the answer's first word
+    after each answer read that does not end (`unended_reads`, `repeat_targets`; "unlikely", that weight)."""
     pairs = refinement_targets(sentence, request, refinement.sentence_splits, refinement.sentence_questions)
-    ends = stop_targets(answer_reads(pairs), eos, refinement.sentence_stop) if request is None and eos else []
-    return [(p, c, 1.0) for p, c in pairs] + [(p, c, refinement.sentence_stop_weight) for p, c in ends]
+    out = [(p, c, 1.0, "nll") for p, c in pairs]
+    if request is not None:
+        return out
+    reads = answer_reads(pairs)
+    if eos:
+        out += [(p, c, refinement.sentence_stop_weight, "nll") for p, c in stop_targets(reads, eos,
+                                                                                        refinement.sentence_stop)]
+    if refinement.sentence_no_repeat > 0:
+        out += [(p, c, refinement.sentence_no_repeat, "unlikely")
+                for p, c in repeat_targets(unended_reads(reads, refinement.sentence_stop))]
+    return out
 
 
 def _whole(prompt: str, rest: str) -> str:
@@ -298,19 +321,29 @@ def plain_top_k(model: LarimarModel, input_ids: Tensor, attention_mask: Tensor, 
     return idx, p / p.sum(-1, keepdim=True)
 
 
-def target_losses(logits: Tensor, input_ids: Tensor, target_mask: Tensor, soft: Tensor,
-                  reference: tuple[Tensor, Tensor] | None) -> Tensor:
-    """Mean loss per row (B,) over its target tokens: the NLL of the token for a hard row, and for a soft row
-    (``soft`` (B,) bool) the KL divergence from the reference distribution (`plain_top_k` of the soft rows, in
-    order) to the decoder's (``logits`` (B, T, V)) at the same position."""
+TARGET_KINDS = ("nll", "kl", "unlikely")
+"""How a refinement target's continuation is scored (`target_losses`)."""
+
+
+def target_losses(logits: Tensor, input_ids: Tensor, target_mask: Tensor, kind: Tensor,
+                  reference: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Mean loss per row (B,) over its target tokens, by the row's kind (``kind`` (B,): indices into
+    `TARGET_KINDS`): "nll", the token's NLL; "kl", the KL divergence from the reference distribution
+    (`plain_top_k` of the "kl" rows, in order) to the decoder's (``logits`` (B, T, V)) at the same position;
+    "unlikely", the token's unlikelihood -log(1 - p) (Welleck et al., 2019), which is low when the token is not
+    said."""
     logp = logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
     m = target_mask[:, 1:].float()  # (B, T-1)
-    loss = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    if reference is not None and bool(soft.any()):
+    tok = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1) log p of each next token
+    unlikely = -torch.log1p(-tok.exp().clamp(max=1.0 - 1e-6))  # (B, T-1)
+    loss = torch.where((kind == TARGET_KINDS.index("unlikely"))[:, None], unlikely, -tok)  # (B, T-1)
+    kl_rows = (kind == TARGET_KINDS.index("kl")).nonzero().squeeze(-1)  # (S,)
+    if len(kl_rows):
+        if reference is None:
+            raise ValueError("target_losses: kl rows need a reference distribution")
         idx, p = reference  # (S, T-1, k)
-        rows = soft.nonzero().squeeze(-1)  # (S,)
-        kl = (p * (p.clamp_min(1e-12).log() - logp[rows].gather(-1, idx))).sum(-1)  # (S, T-1)
-        loss = loss.index_copy(0, rows, kl)
+        kl = (p * (p.clamp_min(1e-12).log() - logp[kl_rows].gather(-1, idx))).sum(-1)  # (S, T-1)
+        loss = loss.index_copy(0, kl_rows, kl)
     return (loss * m).sum(-1) / m.sum(-1).clamp_min(1.0)
 
 
@@ -349,7 +382,7 @@ def refine_latents(
     owner: Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
     weights: Sequence[float] | None = None,
-    soft: Sequence[bool] | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> Tensor:
     """Refines fact latents by gradient steps on the latents alone (see `Refinement`); the model is unchanged.
 
@@ -365,9 +398,9 @@ def refine_latents(
         weights: R relative target weights > 0 (default: all 1); a fact's weights are normalised to sum to 1.
         steps: n per-fact step limits (default: ``refinement.steps`` for every fact); facts are batched with
             facts of the same limit, and a limit of 0 keeps the encoder's latent.
-        soft: R flags (default: none): a soft target's continuation is not fitted token by token; at its
-            positions the decoder's next-token distribution is pulled toward the plain decoder's (KL divergence,
-            `target_losses`).
+        kinds: R target kinds among `TARGET_KINDS` (default: all "nll", the continuation's NLL): "kl" pulls the
+            decoder's next-token distribution at the continuation's positions toward the plain decoder's,
+            "unlikely" makes the continuation's tokens unlikely there (`target_losses`).
 
     Returns:
         (n, C) float32 refined latents on ``Z``'s device (``Z`` itself when ``refinement.steps == 0``).
@@ -382,9 +415,9 @@ def refine_latents(
     w_of = [1.0] * R if weights is None else [float(w) for w in weights]
     if len(w_of) != R or not all(w > 0 for w in w_of):
         raise ValueError(f"refine_latents: {R} targets need {R} weights > 0, got {w_of}")
-    soft_of = [False] * R if soft is None else [bool(x) for x in soft]
-    if len(soft_of) != R:
-        raise ValueError(f"refine_latents: {R} targets need {R} soft flags, got {len(soft_of)}")
+    kind_of = ["nll"] * R if kinds is None else list(kinds)
+    if len(kind_of) != R or not set(kind_of) <= set(TARGET_KINDS):
+        raise ValueError(f"refine_latents: {R} targets need {R} kinds among {TARGET_KINDS}, got {kind_of}")
     w_fact = [0.0] * n  # each fact's total target weight: its targets' weights are divided by it
     for r, f in enumerate(owner):
         w_fact[f] += w_of[r]
@@ -420,25 +453,27 @@ def refine_latents(
             q = None if queries is None else queries[rows].detach().clone().float().to(model.device)  # (b_rows, C)
             ps, cs = [prompts[r] for r in rows], [continuations[r] for r in rows]
             ids, mask, tmask = model.continuation_batch(ps, cs)  # (b_rows, T)
-            is_soft = torch.tensor([soft_of[r] for r in rows], device=model.device)  # (b_rows,)
-            ref = plain_top_k(model, ids[is_soft], mask[is_soft]) if bool(is_soft.any()) else None
+            kind = torch.tensor([TARGET_KINDS.index(kind_of[r]) for r in rows], device=model.device)  # (b_rows,)
+            is_kl = kind == TARGET_KINDS.index("kl")  # (b_rows,)
+            ref = plain_top_k(model, ids[is_kl], mask[is_kl]) if bool(is_kl.any()) else None
+            all_nll = not bool(kind.any())
             opt = torch.optim.Adam([z], lr=refinement.lr)
             done = torch.zeros(len(facts), dtype=torch.bool, device=model.device)  # (b,)
             for _ in range(lim):
                 zr = z[local]  # (b_rows, C)
                 latent = zr if q is None else one_fact_read(q, zr)  # (b_rows, C)
-                if ref is None:
-                    nll = model.token_nll(ids, mask, latent, tmask).float()  # (b_rows,)
+                if all_nll:
+                    loss = model.token_nll(ids, mask, latent, tmask).float()  # (b_rows,)
                 else:
-                    nll = target_losses(model.decode_logits(ids, mask, latent), ids, tmask * mask, is_soft, ref)
+                    loss = target_losses(model.decode_logits(ids, mask, latent), ids, tmask * mask, kind, ref)
                 if refinement.stop_nll is not None:
-                    per_fact = torch.zeros(len(facts), device=nll.device).index_add_(0, local, nll.detach() * weight)
+                    per_fact = torch.zeros(len(facts), device=loss.device).index_add_(0, local, loss.detach() * weight)
                     done |= per_fact < refinement.stop_nll  # (b,): these keep their current latent
                     if bool(done.all()):
                         break
                 frozen = done.clone() if bool(done.any()) else None  # (b,): facts that stopped keep their latent
                 kept = z.detach()[frozen].clone() if frozen is not None else None  # (f, C)
-                (z.grad,) = torch.autograd.grad((nll * weight).sum(), [z])  # no gradient reaches the weights
+                (z.grad,) = torch.autograd.grad((loss * weight).sum(), [z])  # no gradient reaches the weights
                 opt.step()
                 if frozen is not None:
                     with torch.no_grad():
