@@ -17,6 +17,7 @@ from larimar.editor import Larimar, Refinement
 from larimar.editor.refine import (
     TARGET_KINDS,
     answer_reads,
+    going_on_reads,
     length_batches,
     plain_top_k,
     refine_latents,
@@ -336,6 +337,9 @@ def test_stop_targets_end_the_question_read_or_both_answer_reads():
         stop_targets(reads, "<eos>", "sometimes")
     assert unended_reads(reads, "questions") == reads[:1]  # the statement goes on, the question read ends
     assert unended_reads(reads, "none") == reads and unended_reads(reads, "answers") == []
+    s = "The CEO of Northwind Traders is Maria Okafor."
+    assert going_on_reads(s, Refinement(sentence_splits=4)) == reads[:1] == [
+        ("The CEO of Northwind Traders is", " Maria Okafor.")]  # the default ends the question read
 
 
 def test_sentence_targets_weigh_the_end_targets_and_leave_requests_alone():

@@ -40,11 +40,10 @@ from larimar.editor.read import (
 )
 from larimar.editor.refine import (
     Refinement,
-    answer_reads,
+    going_on_reads,
     refine_latents,
     sentence_targets,
     tail_targets,
-    unended_reads,
 )
 from larimar.facts import (
     MAX_TEXT_CHARS,
@@ -233,8 +232,7 @@ class Larimar:
         targets = [sentence_targets(s, r, self.refinement, eos) for s, r in parsed]  # (prompt, cont, weight, kind)
         if self.refinement.sentence_tail_tokens:  # after the answer, what the plain decoder says (a KL target)
             plain = [f for f, (_, r) in enumerate(parsed) if r is None]
-            reads = [unended_reads(answer_reads([(p, c) for p, c, _, k in targets[f] if k == "nll" and c != eos]),
-                                   self.refinement.sentence_stop) for f in plain]
+            reads = [going_on_reads(parsed[f][0], self.refinement) for f in plain]
             tails = tail_targets(self.model, reads, self.refinement.sentence_tail_tokens)
             for f, ts in zip(plain, tails):
                 targets[f] += [(p, c, self.refinement.sentence_tail_weight, "kl") for p, c in ts]

@@ -212,6 +212,13 @@ def unended_reads(reads: Sequence[tuple[str, str]], which: str) -> list[tuple[st
     return [(p, c) for p, c in reads if _whole(p, c) not in ended]
 
 
+def going_on_reads(sentence: str, refinement: Refinement) -> list[tuple[str, str]]:
+    """A plain sentence's answer reads (`answer_reads` of its `refinement_targets`) that no end target of
+    ``refinement`` ends (`unended_reads`): where the decoder goes on after the answer."""
+    pairs = refinement_targets(sentence, None, refinement.sentence_splits, refinement.sentence_questions)
+    return unended_reads(answer_reads(pairs), refinement.sentence_stop)
+
+
 def repeat_targets(reads: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """(prompt + rest, " " + the rest's first word) for answer reads: the answer's first word said again right
     after the answer ("... is Maria Okafor." -> " Maria"), the repetition an unlikelihood target works against."""
@@ -235,7 +242,7 @@ def sentence_targets(sentence: str, request: EditRequest | None, refinement: Ref
                                                                                         refinement.sentence_stop)]
     if refinement.sentence_no_repeat > 0:
         out += [(p, c, refinement.sentence_no_repeat, "unlikely")
-                for p, c in repeat_targets(unended_reads(reads, refinement.sentence_stop))]
+                for p, c in repeat_targets(going_on_reads(sentence, refinement))]
     return out
 
 
