@@ -13,8 +13,9 @@ import statistics
 import time
 
 import torch
+from sentence_transformers import SentenceTransformer
 
-from larimar.scope import _load_sentence_encoder, default_encoder_path
+from larimar.scope import default_encoder_path
 
 SENTENCE = ["The CEO of Northwind Traders is Maria Okafor."]
 
@@ -23,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=50)
     calls = ap.parse_args().calls
-    st = _load_sentence_encoder(default_encoder_path(), "cpu")
+    st = SentenceTransformer(default_encoder_path(), device="cpu")
     transformer = st[0]
 
     def encode() -> torch.Tensor:

@@ -196,20 +196,24 @@ def tail_targets(model: LarimarModel, reads: Sequence[Sequence[tuple[str, str]]]
     return out
 
 
+def _ends(prompt: str, which: str) -> bool:
+    """Whether stop mode ``which`` ends the answer read with this prompt: a question read ("questions"), every
+    read ("answers") or none ("none")."""
+    if which not in STOP_MODES:
+        raise ValueError(f"stop mode must be one of {', '.join(STOP_MODES)}, got {which!r}")
+    return which == "answers" or (which == "questions" and prompt.startswith("Q: "))
+
+
 def stop_targets(reads: Sequence[tuple[str, str]], eos: str, which: str) -> list[tuple[str, str]]:
     """(prompt + rest, eos) for a sentence's answer reads (`answer_reads`: the plain read, then the question
     read): after the question read only (``which = "questions"``), after both ("answers") or none ("none")."""
-    if which not in STOP_MODES:
-        raise ValueError(f"stop mode must be one of {', '.join(STOP_MODES)}, got {which!r}")
-    chosen = {"none": [], "questions": [r for r in reads if r[0].startswith("Q: ")], "answers": list(reads)}[which]
-    return [(_whole(p, c), eos) for p, c in chosen]
+    return [(_whole(p, c), eos) for p, c in reads if _ends(p, which)]
 
 
 def unended_reads(reads: Sequence[tuple[str, str]], which: str) -> list[tuple[str, str]]:
     """The answer reads (`answer_reads`) that `stop_targets` with ``which`` does not end: where the text goes on
-    after the answer (the tail targets' reads)."""
-    ended = {r[0] for r in stop_targets(reads, "", which)}
-    return [(p, c) for p, c in reads if _whole(p, c) not in ended]
+    after the answer (the tail and no-repeat targets' reads)."""
+    return [(p, c) for p, c in reads if not _ends(p, which)]
 
 
 def going_on_reads(sentence: str, refinement: Refinement) -> list[tuple[str, str]]:
@@ -242,7 +246,7 @@ def sentence_targets(sentence: str, request: EditRequest | None, refinement: Ref
                                                                                         refinement.sentence_stop)]
     if refinement.sentence_no_repeat > 0:
         out += [(p, c, refinement.sentence_no_repeat, "unlikely")
-                for p, c in repeat_targets(going_on_reads(sentence, refinement))]
+                for p, c in repeat_targets(unended_reads(reads, refinement.sentence_stop))]
     return out
 
 
@@ -463,7 +467,7 @@ def refine_latents(
             kind = torch.tensor([TARGET_KINDS.index(kind_of[r]) for r in rows], device=model.device)  # (b_rows,)
             is_kl = kind == TARGET_KINDS.index("kl")  # (b_rows,)
             ref = plain_top_k(model, ids[is_kl], mask[is_kl]) if bool(is_kl.any()) else None
-            all_nll = not bool(kind.any())
+            all_nll = not bool(kind.any())  # then the NLL path the requests have always taken, bit for bit
             opt = torch.optim.Adam([z], lr=refinement.lr)
             done = torch.zeros(len(facts), dtype=torch.bool, device=model.device)  # (b,)
             for _ in range(lim):
@@ -472,7 +476,7 @@ def refine_latents(
                 if all_nll:
                     loss = model.token_nll(ids, mask, latent, tmask).float()  # (b_rows,)
                 else:
-                    loss = target_losses(model.decode_logits(ids, mask, latent), ids, tmask * mask, kind, ref)
+                    loss = target_losses(model.decode_logits(ids, mask, latent), ids, tmask, kind, ref)
                 if refinement.stop_nll is not None:
                     per_fact = torch.zeros(len(facts), device=loss.device).index_add_(0, local, loss.detach() * weight)
                     done |= per_fact < refinement.stop_nll  # (b,): these keep their current latent
