@@ -21,9 +21,11 @@ from larimar.conditioning import (
     DECODER_ARCHS,
     LatentDecoder,
     LoRALinear,
+    SentenceEnds,
     apply_lora,
     decoder_shape,
     positions_from_mask,
+    sentence_ends,
 )
 
 C = 16
@@ -233,6 +235,84 @@ def test_generation_stops_at_eos_and_pads():
     assert (out[0, 2:] == V - 1).all()
     if eos not in greedy[1].tolist():
         assert torch.equal(out[1], greedy[1])
+
+
+def _first_sentence_end(row: list[int], f: SentenceEnds) -> int | None:
+    """The rule of `SentenceEnds`, token by token: before a line break, before a new word after a sentence's
+    end, or before a word said already, once a letter or digit was said."""
+    worded = after_end = False
+    said: set[int] = set()
+    for i, t in enumerate(row):
+        if worded and (f.newline[t] or (f.spaced[t] and after_end) or t in said):
+            return i
+        worded, after_end = worded or bool(f.word[t]), bool(f.ends[t])
+        if f.spaced[t] and f.word[t]:
+            said.add(t)
+    return None
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_hand_off_continues_each_row_with_the_plain_decoder_after_its_first_sentence(use_cache):
+    dec = tiny_decoder("llama")
+    g = torch.Generator().manual_seed(21)
+    ids = torch.randint(1, V, (4, 5), generator=g)
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    z = torch.randn(4, C, generator=g)
+    z[3] = 0.0  # no memory: never handed off
+    n, cuts = 8, 0
+    no, yes = torch.zeros(V, dtype=torch.bool), torch.ones(V, dtype=torch.bool)
+    repeats_only = SentenceEnds(ends=no, spaced=yes, newline=no, word=yes)  # only a word said again hands off
+    for seed in range(13):  # random flags; every rule branch is hit over the seeds
+        r = torch.Generator().manual_seed(100 + seed)
+        f = SentenceEnds(*(torch.rand(V, generator=r) < p for p in (0.5, 0.5, 0.15, 0.8))) if seed else repeats_only
+        full = dec.generate(ids, z, n, attention_mask=mask)  # the latent on every token
+        out = dec.generate(ids, z, n, attention_mask=mask, hand_off=f, use_cache=use_cache)
+        for b in range(4):
+            row = full[b].tolist()
+            at = _first_sentence_end(row, f) if b != 3 else None
+            if at is None:
+                assert out[b].tolist() == row
+                continue
+            cuts += 1
+            head = torch.cat([ids[b][mask[b].bool()], full[b, :at]])[None]
+            rest = dec.generate(head, None, n - at)[0].tolist()  # the plain decoder from prompt + first sentence
+            assert out[b].tolist() == row[:at] + rest
+    assert cuts >= 4
+
+
+def test_hand_off_without_sentence_ends_changes_nothing_and_keeps_eos_padding():
+    dec = tiny_decoder("gpt2")
+    ids = torch.randint(1, V, (2, 4), generator=torch.Generator().manual_seed(22))
+    z = torch.randn(2, C, generator=torch.Generator().manual_seed(23))
+    never = SentenceEnds(*(torch.zeros(V, dtype=torch.bool) for _ in range(4)))
+    assert torch.equal(dec.generate(ids, z, 6, hand_off=never), dec.generate(ids, z, 6))
+    greedy = dec.generate(ids, z, 6)
+    eos = int(greedy[0, 2])
+    assert torch.equal(dec.generate(ids, z, 6, eos_token_id=eos, pad_token_id=V - 1, hand_off=never),
+                       dec.generate(ids, z, 6, eos_token_id=eos, pad_token_id=V - 1))
+
+
+@pytest.mark.slow
+def test_sentence_ends_of_the_default_tokenizer():
+    backbones = pytest.importorskip("larimar.backbones")
+    try:
+        _, tok = backbones.load_decoder()
+    except (backbones.BackboneNotFoundError, OSError) as e:
+        pytest.skip(f"default decoder unavailable: {e}")
+    f = sentence_ends(tok, len(tok) + 3)
+    assert f.ends.shape == (len(tok) + 3,) and not f.word[len(tok):].any()
+
+    def one(text: str) -> int:
+        t = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(t) == 1, (text, t)
+        return t[0]
+
+    assert f.ends[one(".")] and f.ends[one("?")] and not f.ends[one(",")] and not f.word[one(".")]
+    assert f.spaced[one(" Maria")] and f.word[one(" Maria")] and not f.spaced[one("Maria")]
+    assert f.newline[one("\n")] and not f.newline[one(" Maria")]
+    assert not any(f.word[i] or f.ends[i] for i in tok.all_special_ids)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

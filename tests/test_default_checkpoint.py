@@ -13,6 +13,7 @@ import torch
 
 from larimar.cli.main import main as cli_main
 from larimar.editor import DEFAULT_CHECKPOINT, Larimar
+from larimar.eval.metrics import sentence_ends_after_answer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CF_ROME = DATA / "counterfact_rome" / "counterfact_rome_929.json"
@@ -68,6 +69,28 @@ def test_forgetting_is_exact_with_the_real_encoder(lm: Larimar):
     for f in (facts[0], facts[2]):
         ref.edit([f])
     assert torch.allclose(lm.memory.M, ref.memory.M, rtol=0, atol=1e-8 * ref.memory.M.abs().max().item())
+    lm.reset()
+
+
+def test_a_written_sentence_answers_its_question_in_a_sentence_that_ends(lm: Larimar):
+    """Issue 21's user: "The CEO of Northwind Traders is Maria Okafor." written, then asked. The memory read-out
+    conditions the answer's sentence; after it the unedited decoder goes on from the text (memory_span
+    "sentence", the default), where the paper's decoding ("all") keeps the latent on every token."""
+    lm.reset()
+    lm.edit(["The CEO of Northwind Traders is Maria Okafor."])
+    asked = ["Who is the CEO of Northwind Traders?", "The CEO of Northwind Traders is"]
+    n = 24
+    answers = lm.ask(asked, max_new_tokens=n)
+    assert all(a.in_scope for a in answers)
+    tok = lm.model.decoder_tokenizer
+    for q, a in zip(asked, answers):
+        assert sentence_ends_after_answer(a.text, "Maria Okafor"), a.text
+        head, rest = a.text.split(".", 1)[0] + ".", a.text.split(".", 1)[1]
+        # what follows the answer's sentence is the plain decoder's own continuation of prompt + that sentence
+        left = n - len(tok(head, add_special_tokens=False)["input_ids"])
+        assert rest == lm.model.generate_text([q + head], None, max_new_tokens=left)[0]
+    paper = lm.ask(asked[1:], max_new_tokens=n, memory_span="all")[0].text
+    assert paper.startswith(answers[1].text.split(".", 1)[0]) and paper != answers[1].text
     lm.reset()
 
 

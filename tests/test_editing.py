@@ -338,8 +338,11 @@ def test_stop_targets_end_the_question_read_or_both_answer_reads():
     assert unended_reads(reads, "questions") == reads[:1]  # the statement goes on, the question read ends
     assert unended_reads(reads, "none") == reads and unended_reads(reads, "answers") == []
     s = "The CEO of Northwind Traders is Maria Okafor."
-    assert going_on_reads(s, Refinement(sentence_splits=4)) == reads[:1] == [
-        ("The CEO of Northwind Traders is", " Maria Okafor.")]  # the default ends the question read
+    assert going_on_reads(s, Refinement(sentence_splits=4, sentence_stop="questions")) == reads[:1] == [
+        ("The CEO of Northwind Traders is", " Maria Okafor.")]  # ending the question read leaves the statement's
+    assert going_on_reads(s, Refinement(sentence_splits=4)) == [  # the default ends none
+        ("The CEO of Northwind Traders is", " Maria Okafor."),
+        ("Q: Who is the CEO of Northwind Traders? A:", " Maria Okafor.")]
 
 
 def test_sentence_targets_weigh_the_end_targets_and_leave_requests_alone():

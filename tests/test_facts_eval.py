@@ -27,6 +27,7 @@ from larimar.eval.metrics import (
     ends_after_answer,
     ngram_entropy,
     repeats_answer,
+    sentence_ends_after_answer,
 )
 
 FACTS = Path(__file__).resolve().parent / "fixtures" / "facts_tiny.jsonl"
@@ -95,6 +96,20 @@ def test_ngram_entropy_is_rome_weighted_bi_tri_gram_entropy():
     assert ngram_entropy("the the the the the") == 0.0  # one bigram, one trigram
     assert ngram_entropy("") == 0.0 and ngram_entropy("word") == 0.0
     assert ngram_entropy("Rome is a city. It is old, and it is large.") > ngram_entropy("Rome Rome Rome Rome Rome")
+
+
+@pytest.mark.parametrize("text, answer, ends_sentence", [
+    (" Maria Okafor. She founded the company in 1990.", "Maria Okafor", True),
+    (" Maria Okafor.", "Maria Okafor", True),
+    (" Maria Okafor", "Maria Okafor", True),  # the text ends with the answer
+    (" maria okafor\nB: Lutz", "Maria Okafor", True),
+    (' Lutz." The city', "Lutz", True),
+    (" Maria Okafor Okafor. Ekuru is for O", "Maria Okafor", False),
+    (" Maria Okafor, who leads it.", "Maria Okafor", False),
+    (" Okafor.", "Maria Okafor", False),  # not the answer
+])
+def test_sentence_ends_after_answer(text, answer, ends_sentence):
+    assert sentence_ends_after_answer(text, answer) is ends_sentence
 
 
 @pytest.mark.parametrize("text, answer, repeats, ends", [
@@ -177,6 +192,7 @@ def test_evaluate_facts_metrics_on_hand_made_generations(monkeypatch):
     assert (by["larimar"]["answer_repeat_rate"], by["larimar"]["answer_end_rate"]) == (1, 0)
     assert (by["rag"]["answer_repeat_rate"], by["rag"]["answer_end_rate"]) == (0, 1)
     assert by["none"]["answer_repeat_rate"] is None and by["none"]["answer_end_rate"] is None
+    assert (by["larimar"]["answer_sentence_end_rate"], by["rag"]["answer_sentence_end_rate"]) == (0, 1)
     assert by["larimar"]["question_scope_rate"] == 1.0 and by["rag"]["unrelated_scope_rate"] == 1.0
     assert by["none"]["question_scope_rate"] is None
     assert by["larimar"]["edit_ms_median"] > 0 and by["rag"]["edit_ms_median"] >= 0

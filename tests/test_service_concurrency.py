@@ -201,6 +201,27 @@ MIXED_PROMPTS = [
 def test_complete_batch_equals_each_answer_alone(engine: LarimarEngine) -> None:
     """Different prompt lengths (left padding), memories, max_tokens, in / out of scope, one refused prompt, and a
     sampled row (its own group): every greedy row equals `complete` alone."""
+    _check_batch_equals_alone(engine)
+
+
+def test_complete_batch_hands_rows_to_the_plain_decoder_and_still_equals_each_answer_alone() -> None:
+    """The tiny word-level tokenizer has no token that ends a sentence, so the model is given random
+    `SentenceEnds` flags: rows are handed to the plain decoder at different steps, inside one batch."""
+    from larimar.conditioning import SentenceEnds
+
+    eng = gated_engine()
+    model = eng.lm.model
+    V = model.decoder.model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(5)
+    flags = SentenceEnds(*(torch.rand(V, generator=g) < p for p in (0.5, 0.5, 0.1, 1.0)))
+    model.__dict__["sentence_ends"] = flags  # the cached property, set for this model only
+    handed = _check_batch_equals_alone(eng)
+    eng.lm.memory_span = "all"
+    every_token = _check_batch_equals_alone(eng)
+    assert handed != every_token  # some answers changed after their first sentence
+
+
+def _check_batch_equals_alone(engine: LarimarEngine) -> list[str]:
     from larimar.serving.schemas import CompletionItem
 
     facts_a = {"eiffel": FACT, "paris": "The capital of France is Berlin"}
@@ -225,6 +246,7 @@ def test_complete_batch_equals_each_answer_alone(engine: LarimarEngine) -> None:
         alone = engine.complete(it.prompt, it.memory, it.facts, it.max_tokens, 0.0)
         assert g == alone, (it.prompt, g, alone)
     assert {g[1]["in_scope"] for g in got[:3] + got[4:-1]} == {True, False}
+    return [g[0] for g in got[:3] + got[4:-1]]
 
 
 def test_concurrent_different_completions_are_batched_and_equal_their_answers_alone() -> None:

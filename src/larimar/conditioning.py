@@ -20,9 +20,12 @@ Pieces, top to bottom:
     LoRALinear / apply_lora       a small hand-written LoRA for nn.Linear and GPT-2's Conv1D (gated or not);
                                   `lora_gate` sets the gate of one call (thread- / task-local)
     positions_from_mask           position ids (B, T) over non-pad tokens
+    SentenceEnds / sentence_ends  per-token flags (V,) that find where a generated sentence ends
     LatentDecoder                 HF causal LM conditioned on z: a latent key/value slot per layer (a real
                                   cache prefix) + an additive embedding offset; step / prefill / forward and
-                                  cached generation (greedy or temperature / nucleus sampling)
+                                  cached generation (greedy or temperature / nucleus sampling), optionally
+                                  handing each row to the plain decoder after its first sentence (or a word
+                                  said again)
 
 Usage::
 
@@ -236,6 +239,55 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+_SENTENCE_END = (".", "!", "?")
+_CLOSERS = "\"')]}\u201d\u2019"  # closing quotes and brackets that may follow a sentence's end
+
+
+@dataclass(frozen=True)
+class SentenceEnds:
+    """Per-token flags (V,) (bool) that find where a generated sentence ends (`LatentDecoder.generate`).
+
+    A row's first sentence ends before the first token that holds a line break, or that starts a new word right
+    after a token that ends with ".", "!" or "?" (closing quotes or brackets allowed), once the row has produced a
+    letter or digit. "2.5" and "U.S." do not end it (no space follows the dot); "St. Louis" does. The hand-off
+    also comes before a token that starts a word (white space, then a letter or digit) the row has already
+    started under its latent: " Leeds Leeds ..." is handed off after the first " Leeds".
+
+    Attributes:
+        ends: the token's text ends a sentence.
+        spaced: the token's text starts with white space (a new word).
+        newline: the token's text holds a line break.
+        word: the token's text holds a letter or a digit.
+    """
+
+    ends: Tensor
+    spaced: Tensor
+    newline: Tensor
+    word: Tensor
+
+    def to(self, device: torch.device | str) -> SentenceEnds:
+        return SentenceEnds(*(t.to(device) for t in (self.ends, self.spaced, self.newline, self.word)))
+
+
+def sentence_ends(tokenizer: Any, vocab_size: int) -> SentenceEnds:
+    """The `SentenceEnds` flags of a Hugging Face tokenizer's tokens, for logits of ``vocab_size`` entries (ids
+    the tokenizer lacks and its special tokens get no flag). Byte-level BPE ("Ġ", "Ċ") and SentencePiece ("▁",
+    "<0x0A>") pieces are read for the white space that decoding a single token may drop."""
+    n = min(len(tokenizer), vocab_size)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    flags = torch.zeros(4, vocab_size, dtype=torch.bool)  # ends, spaced, newline, word
+    for i, (piece, text) in enumerate(zip(pieces, texts)):
+        if i in special or piece is None:
+            continue
+        flags[0, i] = text.rstrip(_CLOSERS).endswith(_SENTENCE_END)
+        flags[1, i] = text[:1].isspace() or piece.startswith(("\u0120", "\u2581", "\u010a"))
+        flags[2, i] = "\n" in text or piece == "<0x0A>" or "\u010a" in piece
+        flags[3, i] = any(c.isalnum() for c in text)
+    return SentenceEnds(*flags)
+
+
 class LatentDecoder(nn.Module):
     """A pretrained HF causal LM conditioned on a latent z (B, C).
 
@@ -385,6 +437,7 @@ class LatentDecoder(nn.Module):
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        hand_off: SentenceEnds | None = None,
     ) -> Tensor:
         """Continues left-padded prompts, with the KV cache.
 
@@ -400,6 +453,10 @@ class LatentDecoder(nn.Module):
             pad_token_id: fills finished rows (default: eos_token_id, else 0).
             generator: random generator for sampling.
             use_cache: False recomputes the whole sequence every step (the reference for tests).
+            hand_off: flags of the tokens that end a sentence (`sentence_ends`): a row with a memory slot is
+                conditioned on its latent until its first sentence ends or it starts a word it has already said
+                under it, then the plain decoder (z = 0) goes on from the prompt and that text, for the tokens
+                left. None: the latent conditions every token.
 
         Returns:
             new token ids (B, n) with n <= max_new_tokens (all rows stopped early: n is smaller).
@@ -409,17 +466,34 @@ class LatentDecoder(nn.Module):
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         B = input_ids.shape[0]
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        mask = prompt_mask
         latent = self._check_latent(latent, B)
         pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
         seq = input_ids
         out: list[Tensor] = []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         cache, slot_mask = self.latent_cache(latent)
+        flags = hand_off.to(input_ids.device) if hand_off is not None else None
+        cut = torch.full((B,), -1, dtype=torch.long, device=input_ids.device)  # where a row was handed off
+        worded = torch.zeros_like(done)  # the row has said a letter or digit
+        after_end = torch.zeros_like(done)  # its last token ended a sentence
+        said = None  # (B, V): the word-starting tokens each row has said under its latent
+        if flags is not None:
+            said = torch.zeros(B, flags.word.shape[0], dtype=torch.bool, device=input_ids.device)
+            starts_word = flags.spaced & flags.word  # (V,)
         logits = self.step(seq, latent, torch.cat([slot_mask, mask], 1), positions_from_mask(mask), cache,
                            last_only=True)[:, -1]
         for _ in range(max_new_tokens):
             nxt = next_token(logits.float(), do_sample, temperature, top_p, generator)  # (B,)
+            if flags is not None:
+                again = said.gather(1, nxt[:, None])[:, 0]  # (B,): a word this row already said
+                at = ~done & slot_mask[:, 0].bool() & worded & (
+                    flags.newline[nxt] | (flags.spaced[nxt] & after_end) | again)
+                cut = torch.where(at, len(out), cut)
+                done = done | at
+                worded, after_end = worded | flags.word[nxt], flags.ends[nxt]
+                said.scatter_(1, nxt[:, None], starts_word[nxt][:, None] | again[:, None])
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out.append(nxt)
             if eos_token_id is not None:
@@ -433,9 +507,32 @@ class LatentDecoder(nn.Module):
                 logits = self.step(nxt[:, None], latent, torch.cat([slot_mask, mask], 1), pos, cache)[:, -1]
             else:
                 logits = self(seq, mask, latent)[:, -1]
-        if not out:
-            return input_ids.new_zeros(B, 0)
-        return torch.stack(out, 1)  # (B, n)
+        new = torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)  # (B, n)
+        if not bool(cut.ge(0).any()):
+            return new
+        plain = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "eos_token_id": eos_token_id,
+                 "pad_token_id": pad, "generator": generator, "use_cache": use_cache}
+        return self._continue_plain(input_ids, prompt_mask, new, cut, max_new_tokens, pad, plain)
+
+    def _continue_plain(self, input_ids: Tensor, prompt_mask: Tensor, new: Tensor, cut: Tensor, max_new_tokens: int,
+                        pad: int, plain: dict[str, Any]) -> Tensor:
+        """The rows handed off (``cut`` >= 0: where their first sentence ended or a word came again), continued by
+        the plain decoder from their prompt and the text before the cut for the tokens left; the others as
+        generated. Returns (B, n) ids, pad-filled."""
+        rows = [new[b].tolist() for b in range(new.shape[0])]
+        handed = cut.ge(0).nonzero().flatten().tolist()  # each cut < max_new_tokens: a token is left for it
+        texts = [torch.cat([input_ids[b][prompt_mask[b].bool()], new[b, : int(cut[b])]]) for b in handed]
+        width = max(len(t) for t in texts)
+        ids = input_ids.new_full((len(handed), width), pad)
+        mask = torch.zeros_like(ids)
+        for j, t in enumerate(texts):  # left padded, as the prompts
+            ids[j, width - len(t) :], mask[j, width - len(t) :] = t, 1
+        left = [max_new_tokens - int(cut[b]) for b in handed]
+        rest = self.generate(ids, None, max(left), mask, **plain)  # (R, <= max(left)): the plain decoder
+        for j, b in enumerate(handed):
+            rows[b] = rows[b][: int(cut[b])] + rest[j, : left[j]].tolist()
+        n = max(len(r) for r in rows)
+        return torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=new.dtype, device=new.device)
 
 
 def next_token(

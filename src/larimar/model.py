@@ -30,6 +30,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from larimar.conditioning import LatentDecoder, apply_lora
+from larimar.conditioning import LatentDecoder, SentenceEnds, apply_lora, sentence_ends
 from larimar.memory import EpisodicMemory, MemoryConfig
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DECODER_TRAINING = ("frozen", "lora", "full")
+# how long a latent conditions generation: the first sentence, then the plain decoder; or every token (the paper)
+MEMORY_SPANS = ("sentence", "all")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,14 +426,29 @@ class LarimarModel(nn.Module):
         top_p: float = 1.0,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        memory_span: str = "all",
     ) -> Tensor:
-        """New tokens (B, n) continuing left-padded prompts (B, T) under latent (B, C); see `LatentDecoder.generate`."""
+        """New tokens (B, n) continuing left-padded prompts (B, T) under latent (B, C); see `LatentDecoder.generate`.
+
+        ``memory_span`` "sentence": a row with a latent is conditioned on it until its first sentence ends (or it
+        starts a word it has already said), then the plain decoder continues the text (`SentenceEnds`); "all":
+        the latent conditions every token (the paper's decoding)."""
+        if memory_span not in MEMORY_SPANS:
+            raise ValueError(f"memory_span must be one of {MEMORY_SPANS}, got {memory_span!r}")
         return self.decoder.generate(
             input_ids, latent, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
             temperature=temperature, top_p=top_p,
             eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id,
             pad_token_id=self.pad_token_id, generator=generator,
+            hand_off=self.sentence_ends if memory_span == "sentence" and latent is not None else None,
         )
+
+    @functools.cached_property
+    def sentence_ends(self) -> SentenceEnds:
+        """The decoder tokenizer's `SentenceEnds` flags (V,), computed on first use (a constant of the model)."""
+        head = self.decoder.model.get_output_embeddings()
+        size = head.weight.shape[0] if head is not None else len(self.decoder_tokenizer)
+        return sentence_ends(self.decoder_tokenizer, size)
 
     def generate_text(
         self, prompts: list[str], latent: Tensor | None = None, max_new_tokens: int = 32, truncate: bool = True,

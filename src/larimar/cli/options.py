@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+MEMORY_SPANS = ("sentence", "all")  # larimar.model.MEMORY_SPANS (import-free, as READ_MODES)
 READ_MODES = ("keyed", "recall", "memory", "nearest")  # larimar.memory.READ_MODES (kept import-free for a fast --help)
 STOP_MODES = ("none", "questions", "answers")  # larimar.editor.refine.STOP_MODES (import-free, as above)
 SLOT_INITS = ("random", "eye")  # larimar.memory.SLOT_INITS
@@ -50,6 +51,8 @@ class ModelOptions:
         scope_encoder: a sentence-transformers folder (None: all-MiniLM-L6-v2), or "larimar" for the model's own.
         no_scope: read memory for every query (the paper's "no scope detector" ablation).
         read_mode: "keyed", "recall", "memory" or "nearest" (`larimar.editor.read`).
+        memory_span: how long an in-scope answer is conditioned on the memory read-out: "sentence" (its first
+            sentence, then the plain decoder goes on) or "all" (every token, the paper's decoding).
         refine_steps: write-time refinement steps per fact (0: the paper's one-shot write, for sentences too).
         refine_sentence_steps: the steps for a plain sentence (None: ``refine_steps``).
         refine_lr: their learning rate.
@@ -73,6 +76,7 @@ class ModelOptions:
     scope_encoder: str | None = None
     no_scope: bool = False
     read_mode: str = "recall"
+    memory_span: str = "sentence"
     refine_steps: int = 5
     refine_sentence_steps: int | None = 10
     refine_lr: float = 0.1
@@ -82,7 +86,7 @@ class ModelOptions:
     refine_tail_tokens: int = 0
     refine_tail_weight: float = 1.0
     refine_no_repeat: float = 0.0
-    refine_stop: str = "questions"
+    refine_stop: str = "none"
     refine_stop_weight: float = 0.3
 
     @staticmethod
@@ -102,6 +106,10 @@ class ModelOptions:
                        help="keyed: the memory addressed with the nearest fact's key (a lookup of its stored latent), "
                             "projected on the query; recall: the same read-out, not projected; memory: the paper's "
                             "query read; nearest: the stored latent (ablation)")
+        p.add_argument("--memory-span", choices=MEMORY_SPANS, default=d.memory_span,
+                       help="sentence: an in-scope answer is conditioned on the memory read-out until its first "
+                            "sentence ends (or it says a word again), then the unedited decoder continues the text; "
+                            f"all: every generated token is (the paper's decoding) (default {d.memory_span})")
         p.add_argument("--refine-steps", type=int, default=d.refine_steps,
                        help=f"gradient steps on each written fact's latent, model unchanged (default {d.refine_steps}; "
                             "0: the encoder's latent, the paper's one-shot write)")
@@ -161,14 +169,14 @@ class ModelOptions:
         return Larimar.from_pretrained(
             self.checkpoint, device=self.device, scope_threshold=self.scope_threshold, scope_mode=scope_mode,
             scope_encoder=self.scope_encoder, use_scope=not self.no_scope, read_mode=self.read_mode,
-            refinement=self.refinement(),
+            refinement=self.refinement(), memory_span=self.memory_span,
         )
 
     def record(self) -> dict[str, Any]:
         """The options as a run records them (summary.json)."""
         return {"checkpoint": str(self.checkpoint or "default"), "scope_threshold": self.scope_threshold,
                 "scope_encoder": self.scope_encoder or "all-MiniLM-L6-v2", "use_scope": not self.no_scope,
-                "read_mode": self.read_mode, "refine_steps": self.refine_steps,
+                "read_mode": self.read_mode, "memory_span": self.memory_span, "refine_steps": self.refine_steps,
                 "refine_sentence_steps": self.refine_sentence_steps, "refine_lr": self.refine_lr,
                 "refine_splits": self.refine_splits, "refine_stop_nll": self.refine_stop_nll,
                 "refine_questions": self.refine_questions, "refine_tail_tokens": self.refine_tail_tokens,

@@ -55,7 +55,7 @@ from larimar.facts import (
     check_text,
 )
 from larimar.memory import ItemMemory, resize_memory
-from larimar.model import LarimarModel
+from larimar.model import MEMORY_SPANS, LarimarModel
 from larimar.scope import ScopeDetector
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
@@ -109,6 +109,9 @@ class Larimar:
             `larimar.backbones.model_fingerprint` of the model, computed on first use).
         refinement: write-time latent refinement (default: `Refinement()`: 5 steps for an edit request, 10 for a
             sentence; ``Refinement(steps=0)`` writes the encoder's latents as the paper does).
+        memory_span: how long an in-scope answer is conditioned on the memory read-out: "sentence" (until its
+            first sentence ends or it says a word again; the plain decoder then continues the text) or "all"
+            (every generated token, the paper's decoding). Scoring is teacher-forced and does not depend on it.
 
     Raises:
         ValueError: unknown mode.
@@ -125,10 +128,13 @@ class Larimar:
         max_chars: int = MAX_TEXT_CHARS,
         fingerprint: str | None = None,
         refinement: Refinement | None = None,
+        memory_span: str = "sentence",
     ) -> None:
         if scope_mode not in SCOPE_MODES:
             raise ValueError(f"scope_mode must be one of {SCOPE_MODES}, got {scope_mode!r}")
         check_read_mode(read_mode)
+        if memory_span not in MEMORY_SPANS:
+            raise ValueError(f"memory_span must be one of {MEMORY_SPANS}, got {memory_span!r}")
         if max_chars < 1:
             raise ValueError(f"max_chars must be >= 1, got {max_chars}")
         self.model = model.eval()
@@ -142,6 +148,7 @@ class Larimar:
         self.max_chars = max_chars
         self._fingerprint = fingerprint
         self.refinement = Refinement() if refinement is None else refinement
+        self.memory_span = memory_span
         self.memory = ItemMemory(model.memory)
         self._texts: dict[str, str] = {}  # id -> sentence, in write order
 
@@ -165,7 +172,7 @@ class Larimar:
             scope_mode: see `Larimar`.
             scope_encoder: a sentence-transformers folder (None: all-MiniLM-L6-v2 from its package), or
                 "larimar" to use the model's own encoder.
-            **kwargs: the other `Larimar` arguments (use_scope, read_mode, max_chars, refinement).
+            **kwargs: the other `Larimar` arguments (use_scope, read_mode, max_chars, refinement, memory_span).
 
         Raises:
             FileNotFoundError: no checkpoint at ``path``.
@@ -391,9 +398,11 @@ class Larimar:
 
     @torch.inference_mode()
     def ask(self, prompts: str | Sequence[str], max_new_tokens: int = 32, **kwargs: Any) -> list[Answer]:
-        """Generated answers with their scope decision (keyword args as `LarimarModel.generate`)."""
+        """Generated answers with their scope decision (keyword args as `LarimarModel.generate`; ``memory_span``
+        defaults to this editor's)."""
         prompts = self.check_prompts(prompts)
         r = self.route(prompts)
+        kwargs.setdefault("memory_span", self.memory_span)
         texts = self.model.generate_text(prompts, r.latents, max_new_tokens=max_new_tokens, **kwargs)
         return [
             Answer(t, s, float(x) if torch.isfinite(x) else None, n)

@@ -30,7 +30,7 @@ class Refinement:
     (`refinement_targets`): for an edit request, the answer after its prompt; for a plain sentence, the rest of
     the sentence after each of up to ``sentence_splits`` of its beginnings that end before a content word and not
     inside a name or a number (so every word of a multi-word answer is carried, and the sentence's end too), their
-    question reads, and the end of the text after the question read's answer (``sentence_stop``). Each target
+    question reads, and optionally the end of the text after an answer read (``sentence_stop``). Each target
     decodes from z itself with the recall and nearest reads, else from the one-fact read of z at the target
     prompt's query latent (what the keyed read returns). Only the latents move: no weight of the encoder, the
     memory or the decoder changes, and the refined latent is written, read and forgotten like any other.
@@ -66,7 +66,9 @@ class Refinement:
         sentence_stop: also refine a plain sentence on ending after its answer: the decoder's end-of-text token
             as the target after its question read ("questions") or after both answer reads ("answers"), so that
             a question is answered and the answer ends, as the unedited decoder ends its own "Q: ... A:" answers
-            (`stop_targets`; "none": off; default "questions").
+            (`stop_targets`; "none", the default: off. With the default decoding, `Larimar`'s ``memory_span``
+            "sentence", the unedited decoder ends or goes on after the answer's sentence; the end targets serve the
+            paper's decoding, "all", where the latent conditions every token: docs/results.md).
         sentence_stop_weight: the weight of each such end target in its fact's loss, relative to 1 for every
             other target.
     """
@@ -82,7 +84,7 @@ class Refinement:
     sentence_tail_tokens: int = 0
     sentence_tail_weight: float = 1.0
     sentence_no_repeat: float = 0.0
-    sentence_stop: str = "questions"
+    sentence_stop: str = "none"
     sentence_stop_weight: float = 0.3
 
     def __post_init__(self) -> None:

@@ -35,6 +35,9 @@ Metrics per method (rates in [0, 1]):
                       after it (`larimar.eval.metrics.repeats_answer`: the degenerate "Maria Okafor. Maria Okafor ..." continuation)
     answer_end_rate   of the questions answered right, the share whose generation is the answer and then ends
                       (`ends_after_answer`)
+    answer_sentence_end_rate  of the questions answered right, the share whose answer ends its sentence right
+                      there (`sentence_ends_after_answer`: ".", "!", "?", a line break or the end follows), whatever
+                      comes next
     edit_ms_median    the median wall time of one whole edit call (rag: its index insert; none: None)
 
 EM (`larimar.eval.metrics.starts_with`): the greedy answer, stripped and case-folded, starts with the expected
@@ -61,6 +64,7 @@ from larimar.eval.metrics import (
     ending_rates,
     mean_of,
     ngram_entropy,
+    sentence_ends_after_answer,
     starts_with,
     token_accuracy,
 )
@@ -74,12 +78,13 @@ SUMMARY_KEYS = (
     "method", "n_facts", "n_questions", "n_own_prefix", "n_other_questions", "n_unrelated", "own_prefix_em",
     "question_em", "question_em_unseen", "n_questions_refined", "answer_token_acc", "unrelated_em", "fluency",
     "fluency_unedited", "fluency_ratio", "answer_repeat_rate", "answer_end_rate",
-    "question_scope_rate", "unrelated_scope_rate", "edit_ms_median",
+    "answer_sentence_end_rate", "question_scope_rate", "unrelated_scope_rate", "edit_ms_median",
 )
 """The keys of every per-method summary object (`evaluate_facts`)."""
 TABLE_COLUMNS = ("method", "n_facts", "n_questions", "own_prefix_em", "question_em", "question_em_unseen",
                  "answer_token_acc", "unrelated_em", "fluency", "fluency_unedited", "answer_repeat_rate",
-                 "answer_end_rate", "question_scope_rate", "unrelated_scope_rate", "edit_ms_median")
+                 "answer_end_rate", "answer_sentence_end_rate", "question_scope_rate", "unrelated_scope_rate",
+                 "edit_ms_median")
 
 
 # -- the file format ---------------------------------------------------------------------------------------------
@@ -387,6 +392,8 @@ def evaluate_facts(
             "fluency": fl, "fluency_unedited": unedited,
             "fluency_ratio": fl / unedited if fl is not None and unedited else None,
             "answer_repeat_rate": repeat, "answer_end_rate": end,
+            "answer_sentence_end_rate": mean_of([sentence_ends_after_answer(res["text"][k], answers[k])
+                                                 for k in asked if res["em"][k]]),
             "question_scope_rate": mean_of([res["in_scope"][k] for k in asked]),
             "unrelated_scope_rate": mean_of([res["in_scope"][k] for k in by_kind["unrelated"]]),
             "edit_ms_median": statistics.median(ms) if ms else None,

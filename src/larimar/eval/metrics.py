@@ -6,6 +6,8 @@
     match_rate        EasyEdit's teacher-forced token accuracy (share of target tokens that are the argmax)
     agreement         the same between two predictions (EasyEdit's locality)
     starts_with       greedy exact match: the generation, stripped and case-folded, starts with the answer
+    repeats_answer / ends_after_answer / sentence_ends_after_answer
+                      how a right answer goes on: says the answer again / stops there / ends its sentence there
     contains_answer   the answer as a whole word anywhere in a generation (leakage)
     generation_hit    the answer as whole words in the first sentence of a generation (gen_es / gen_ps)
     ngram_entropy     ROME's fluency of one text: weighted bi/tri-gram entropy (fluency)
@@ -58,6 +60,16 @@ def ends_after_answer(generation: str, answer: str) -> bool:
         return False
     rest = generation.strip()[len(answer.strip()):]
     return not any(c.isalnum() for c in rest)
+
+
+def sentence_ends_after_answer(generation: str, answer: str) -> bool:
+    """Whether the generation is the answer and then the end of its sentence: starts with it (`starts_with`) and
+    what follows (after closing quotes or brackets) is ".", "!", "?", a line break or nothing. What comes after
+    that sentence does not matter ("Maria Okafor. She founded ..." ends; "Maria Okafor Okafor." does not)."""
+    if not starts_with(generation, answer):
+        return False
+    rest = generation.strip()[len(answer.strip()):].lstrip(" \t\"'\u201d\u2019)]")
+    return not rest or rest[0] in ".!?\n"
 
 
 def ending_rates(right: Iterable[tuple[str, str]]) -> tuple[float | None, float | None]:

@@ -117,8 +117,9 @@ class LarimarEngine:
         then each item's read against its own memory and scope); then the items with the same
         sampling settings (greedy together, sampled ones with the same temperature and top_p) are decoded in ONE
         `generate` over their left-padded prompts with per-row latents (B, C) and the group's largest max_tokens,
-        and each row is cut at its own max_tokens, then at EOS. A greedy answer equals the one given alone (left
-        padding is masked and positions start at each row's first token).
+        and each row is cut at its own max_tokens, then at EOS. Each row is conditioned on its latent as the
+        editor's ``memory_span`` says (its first sentence, then the plain decoder; or every token). A greedy answer
+        equals the one given alone (left padding is masked and positions start at each row's first token).
 
         Returns:
             per item, (text, info) as `complete`, or the ValueError (e.g. `PromptTooLong`) that refused it; the
@@ -147,7 +148,7 @@ class LarimarEngine:
             groups.setdefault(key, []).append((k, prompt, n_tokens, r))
         eos = model.eos_token_id
         for (sample, temperature, top_p), members in groups.items():
-            kwargs: dict[str, Any] = {"do_sample": sample}
+            kwargs: dict[str, Any] = {"do_sample": sample, "memory_span": lm.memory_span}
             if sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
             longest = max(max(n for _, _, n, _ in members), 1)
