@@ -366,8 +366,10 @@ def test_cli_choices_match_the_library():
     from larimar.cli import options
     from larimar.editor import refine
     from larimar.memory import READ_MODES
+    from larimar.model import MEMORY_SPANS
 
     assert options.STOP_MODES == refine.STOP_MODES and options.READ_MODES == READ_MODES
+    assert options.MEMORY_SPANS == MEMORY_SPANS
 
 
 def test_edit_with_tails_or_stops_refines_sentences_on_more_targets_and_leaves_requests_alone():

@@ -288,6 +288,29 @@ def sentence_ends(tokenizer: Any, vocab_size: int) -> SentenceEnds:
     return SentenceEnds(*flags)
 
 
+class _FirstSentence:
+    """The hand-off rule of `SentenceEnds` over one generation, token by token: per row (B,), whether it has said
+    a letter or digit, whether its last token ended a sentence, and the word-starting tokens it has said (B, V)."""
+
+    def __init__(self, flags: SentenceEnds, has_slot: Tensor) -> None:
+        self.flags, self.has_slot = flags, has_slot  # (V,) flags; (B,) rows that can be handed off
+        self.starts_word = flags.spaced & flags.word  # (V,)
+        self.worded = torch.zeros_like(has_slot)
+        self.after_end = torch.zeros_like(has_slot)
+        self.said = torch.zeros(has_slot.shape[0], flags.word.shape[0], dtype=torch.bool, device=has_slot.device)
+
+    def ends_before(self, nxt: Tensor, done: Tensor) -> Tensor:
+        """(B,) rows (not ``done``, with a slot) whose first sentence ends before token ``nxt`` (B,); then takes
+        ``nxt`` in."""
+        f = self.flags
+        again = self.said.gather(1, nxt[:, None])[:, 0]  # (B,): a word the row already said
+        ends = f.newline[nxt] | (f.spaced[nxt] & self.after_end) | again
+        at = ~done & self.has_slot & self.worded & ends
+        self.worded, self.after_end = self.worded | f.word[nxt], f.ends[nxt]
+        self.said.scatter_(1, nxt[:, None], (self.starts_word[nxt] | again)[:, None])
+        return at
+
+
 class LatentDecoder(nn.Module):
     """A pretrained HF causal LM conditioned on a latent z (B, C).
 
@@ -474,26 +497,19 @@ class LatentDecoder(nn.Module):
         out: list[Tensor] = []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         cache, slot_mask = self.latent_cache(latent)
-        flags = hand_off.to(input_ids.device) if hand_off is not None else None
+        has_slot = slot_mask[:, 0].bool()  # (B,): rows with a memory read-out, the only ones handed off
+        watch = None
+        if hand_off is not None and bool(has_slot.any()):
+            watch = _FirstSentence(hand_off.to(input_ids.device), has_slot)
         cut = torch.full((B,), -1, dtype=torch.long, device=input_ids.device)  # where a row was handed off
-        worded = torch.zeros_like(done)  # the row has said a letter or digit
-        after_end = torch.zeros_like(done)  # its last token ended a sentence
-        said = None  # (B, V): the word-starting tokens each row has said under its latent
-        if flags is not None:
-            said = torch.zeros(B, flags.word.shape[0], dtype=torch.bool, device=input_ids.device)
-            starts_word = flags.spaced & flags.word  # (V,)
         logits = self.step(seq, latent, torch.cat([slot_mask, mask], 1), positions_from_mask(mask), cache,
                            last_only=True)[:, -1]
         for _ in range(max_new_tokens):
             nxt = next_token(logits.float(), do_sample, temperature, top_p, generator)  # (B,)
-            if flags is not None:
-                again = said.gather(1, nxt[:, None])[:, 0]  # (B,): a word this row already said
-                at = ~done & slot_mask[:, 0].bool() & worded & (
-                    flags.newline[nxt] | (flags.spaced[nxt] & after_end) | again)
+            if watch is not None:  # rows whose first sentence ends before nxt stop here, for the plain decoder
+                at = watch.ends_before(nxt, done)  # (B,)
                 cut = torch.where(at, len(out), cut)
                 done = done | at
-                worded, after_end = worded | flags.word[nxt], flags.ends[nxt]
-                said.scatter_(1, nxt[:, None], starts_word[nxt][:, None] | again[:, None])
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out.append(nxt)
             if eos_token_id is not None:

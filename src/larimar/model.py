@@ -55,6 +55,13 @@ DECODER_TRAINING = ("frozen", "lora", "full")
 MEMORY_SPANS = ("sentence", "all")
 
 
+def check_memory_span(memory_span: str) -> str:
+    """Returns ``memory_span`` if it is one of `MEMORY_SPANS`, else raises ValueError."""
+    if memory_span not in MEMORY_SPANS:
+        raise ValueError(f"memory_span must be one of {MEMORY_SPANS}, got {memory_span!r}")
+    return memory_span
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Encoder adapter
 
@@ -433,8 +440,7 @@ class LarimarModel(nn.Module):
         ``memory_span`` "sentence": a row with a latent is conditioned on it until its first sentence ends (or it
         starts a word it has already said), then the plain decoder continues the text (`SentenceEnds`); "all":
         the latent conditions every token (the paper's decoding)."""
-        if memory_span not in MEMORY_SPANS:
-            raise ValueError(f"memory_span must be one of {MEMORY_SPANS}, got {memory_span!r}")
+        check_memory_span(memory_span)
         return self.decoder.generate(
             input_ids, latent, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
             temperature=temperature, top_p=top_p,

@@ -55,7 +55,7 @@ from larimar.facts import (
     check_text,
 )
 from larimar.memory import ItemMemory, resize_memory
-from larimar.model import MEMORY_SPANS, LarimarModel
+from larimar.model import LarimarModel, check_memory_span
 from larimar.scope import ScopeDetector
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
@@ -133,8 +133,7 @@ class Larimar:
         if scope_mode not in SCOPE_MODES:
             raise ValueError(f"scope_mode must be one of {SCOPE_MODES}, got {scope_mode!r}")
         check_read_mode(read_mode)
-        if memory_span not in MEMORY_SPANS:
-            raise ValueError(f"memory_span must be one of {MEMORY_SPANS}, got {memory_span!r}")
+        check_memory_span(memory_span)
         if max_chars < 1:
             raise ValueError(f"max_chars must be >= 1, got {max_chars}")
         self.model = model.eval()

@@ -53,22 +53,26 @@ def repeats_answer(generation: str, answer: str) -> bool:
     return bool(a) and generation.lower().count(a) >= 2
 
 
+def _after_answer(generation: str, answer: str) -> str | None:
+    """What follows the answer in a generation that starts with it (`starts_with`); None when it does not."""
+    return generation.strip()[len(answer.strip()):] if starts_with(generation, answer) else None
+
+
 def ends_after_answer(generation: str, answer: str) -> bool:
     """Whether the generation is the answer and then ends: starts with it (`starts_with`) and nothing but
     punctuation and space follows (the decoder stopped with its end-of-text token)."""
-    if not starts_with(generation, answer):
-        return False
-    rest = generation.strip()[len(answer.strip()):]
-    return not any(c.isalnum() for c in rest)
+    rest = _after_answer(generation, answer)
+    return rest is not None and not any(c.isalnum() for c in rest)
 
 
 def sentence_ends_after_answer(generation: str, answer: str) -> bool:
     """Whether the generation is the answer and then the end of its sentence: starts with it (`starts_with`) and
     what follows (after closing quotes or brackets) is ".", "!", "?", a line break or nothing. What comes after
     that sentence does not matter ("Maria Okafor. She founded ..." ends; "Maria Okafor Okafor." does not)."""
-    if not starts_with(generation, answer):
+    rest = _after_answer(generation, answer)
+    if rest is None:
         return False
-    rest = generation.strip()[len(answer.strip()):].lstrip(" \t\"'\u201d\u2019)]")
+    rest = rest.lstrip(" \t\"'\u201d\u2019)]")
     return not rest or rest[0] in ".!?\n"
 
 
